@@ -1,0 +1,1 @@
+"""The message bus: NATS subjects, typed messages, and the connection helper."""

@@ -1,0 +1,209 @@
+"""Typed, versioned messages between the control plane and agents.
+
+Every command carries the whole desired spec, so a repeat is harmless and a lost one is
+re-sent on the next reconcile pass. Encoded as JSON with msgspec; ``kind`` is the tag.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Message(msgspec.Struct, tag_field="kind", kw_only=True, omit_defaults=True):
+    v: int = PROTOCOL_VERSION
+
+
+# --- specs ------------------------------------------------------------------------------------
+
+
+class FixedIp(msgspec.Struct, kw_only=True):
+    ip_address: str
+    subnet_id: str
+    cidr: str
+    ip_version: int = 4
+    gateway_ip: str | None = None
+
+
+class PortSpec(msgspec.Struct, kw_only=True):
+    port_id: str
+    network_id: str
+    mac_address: str
+    mtu: int = 1450
+    fixed_ips: list[FixedIp] = []
+    # Segmentation: "vxlan" with vni, "flat" / "vlan" on a physical network.
+    network_type: str = "vxlan"
+    segmentation_id: int | None = None
+
+    @property
+    def tap_name(self) -> str:
+        return "tap" + self.port_id[:11]
+
+
+class ImageRef(msgspec.Struct, kw_only=True):
+    id: str
+    url: str  # signed URL on the image service; valid for a limited time
+    sha256: str
+    size: int
+    disk_format: str = "qcow2"
+
+
+class InstanceSpec(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    project_id: str
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+    image: ImageRef | None
+    ports: list[PortSpec] = []
+    power: Literal["running", "stopped"] = "running"
+    # Bumped by each reboot request; the agent reboots when its own counter is behind.
+    reboot_generation: int = 0
+    reboot_hard: bool = False
+    user_data: str | None = None  # base64, as the API received it
+    key_data: str | None = None
+    metadata: dict[str, str] = {}
+    config_drive: bool = False
+
+
+class SubnetSpec(msgspec.Struct, kw_only=True):
+    id: str
+    cidr: str
+    ip_version: int = 4
+    gateway_ip: str | None = None
+    enable_dhcp: bool = True
+    dns_nameservers: list[str] = []
+    host_routes: list[dict[str, str]] = []
+    ipv6_ra_mode: str | None = None
+    ipv6_address_mode: str | None = None
+
+
+class NetworkSpec(msgspec.Struct, kw_only=True):
+    """A network as one hypervisor must carry it: its subnets and this host's ports."""
+
+    id: str
+    network_type: str = "vxlan"
+    segmentation_id: int | None = None
+    mtu: int = 1450
+    subnets: list[SubnetSpec] = []
+    # DHCP on this host serves static leases for exactly these ports.
+    ports: list[PortSpec] = []
+    # Underlay addresses of the other hypervisors that carry this network (VXLAN FDB).
+    peers: list[str] = []
+
+
+# --- commands to a host (subject host.<id>.cmd) -----------------------------------------------
+
+
+class EnsureInstance(Message, tag="ensure_instance"):
+    spec: InstanceSpec
+
+
+class EnsureInstanceAbsent(Message, tag="ensure_instance_absent"):
+    instance_id: str
+
+
+class EnsureNetwork(Message, tag="ensure_network"):
+    spec: NetworkSpec
+
+
+class EnsureNetworkAbsent(Message, tag="ensure_network_absent"):
+    network_id: str
+
+
+HostCommand = EnsureInstance | EnsureInstanceAbsent | EnsureNetwork | EnsureNetworkAbsent
+
+
+# --- requests to a host (subject host.<id>.rpc) and their replies -----------------------------
+
+
+class GetConsoleOutput(Message, tag="get_console_output"):
+    instance_id: str
+    length: int | None = None  # last N lines; None = all
+
+
+class ConsoleOutput(Message, tag="console_output"):
+    output: str
+    found: bool = True
+
+
+class GetHostState(Message, tag="get_host_state"):
+    pass
+
+
+HostRequest = GetConsoleOutput | GetHostState
+
+
+# --- reports from agents (subject report.<zone>) ----------------------------------------------
+
+InstanceState = Literal["building", "running", "stopped", "paused", "error", "absent"]
+
+
+class InstanceStatus(Message, tag="instance_status"):
+    host_id: str
+    instance_id: str
+    state: InstanceState
+    reboot_generation: int = 0
+    error: str | None = None
+
+
+class Resources(msgspec.Struct, kw_only=True):
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+
+
+class Heartbeat(Message, tag="heartbeat"):
+    host_id: str
+    zone: str
+    address: str
+    boot_id: str  # changes when the agent restarts
+    resources: Resources
+    # Digest of the agent's actual instance states; a mismatch makes the controller ask
+    # for the full state (GetHostState).
+    state_digest: str
+    instance_count: int = 0
+    driver: str = "qemu"
+
+
+class HostState(Message, tag="host_state"):
+    host_id: str
+    instances: list[InstanceStatus] = []
+    networks: list[str] = []
+
+
+Report = InstanceStatus | Heartbeat | HostState
+
+
+class Wake(Message, tag="wake"):
+    """API → controllers: desired state changed for these instances (an optimisation only)."""
+
+    instance_ids: list[str] = []
+
+
+AnyMessage = HostCommand | HostRequest | ConsoleOutput | Report | Wake
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyMessage)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> AnyMessage:
+    return _decoder.decode(data)
+
+
+def state_digest(statuses: list[InstanceStatus]) -> str:
+    """Order-independent digest of instance states (what the heartbeat carries)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in sorted(statuses, key=lambda s: s.instance_id):
+        h.update(f"{s.instance_id}:{s.state}:{s.reboot_generation};".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Database layer: models (desired state), engine/session factory, migrations."""
