@@ -46,7 +46,8 @@ class PortSpec(msgspec.Struct, kw_only=True):
 class ImageRef(msgspec.Struct, kw_only=True):
     id: str
     url: str  # signed URL on the image service; valid for a limited time
-    sha256: str
+    hash_algo: str  # Glance's os_hash_algo (sha512 by default); the agent verifies it
+    hash_value: str
     size: int
     disk_format: str = "qcow2"
 

@@ -1,0 +1,7 @@
+"""Nova flavors."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,7 @@
+"""Nova servers."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

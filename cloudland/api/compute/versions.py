@@ -1,0 +1,7 @@
+"""Nova versions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
