@@ -91,8 +91,10 @@ class NetworkSpec(msgspec.Struct, kw_only=True):
     segmentation_id: int | None = None
     mtu: int = 1450
     subnets: list[SubnetSpec] = []
-    # DHCP on this host serves static leases for exactly these ports.
+    # DHCP on this host serves static leases for exactly these ports, from the address(es)
+    # of the network's DHCP port (device_owner "network:dhcp"; the same on every host).
     ports: list[PortSpec] = []
+    dhcp_port: PortSpec | None = None
     # Underlay addresses of the other hypervisors that carry this network (VXLAN FDB).
     peers: list[str] = []
 
