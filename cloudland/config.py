@@ -7,6 +7,7 @@ else ``<state_dir>/cloudland.toml`` if present). ``docs/configuration.md`` lists
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -71,6 +72,9 @@ class AgentConfig(Section):
     disk_gb: int = 0
     # Agent's own state directory (VMs, image cache); default <state_dir>/agent/<host_id>
     state_dir: str = ""
+    # This host's address on the underlay (VXLAN endpoint, advertised in heartbeats);
+    # default: the source address of the default route, else 127.0.0.1.
+    underlay_address: str = ""
 
 
 class ControllerConfig(Section):
@@ -103,6 +107,10 @@ class Config(Section):
     @property
     def images_dir(self) -> Path:
         return self.state_dir / "images"
+
+    def host_id(self) -> str:
+        """This hypervisor's id: ``agent.host_id`` or the machine's hostname."""
+        return self.agent.host_id or socket.gethostname()
 
     def agent_state_dir(self, host_id: str) -> Path:
         return Path(self.agent.state_dir) if self.agent.state_dir else self.state_dir / "agent" / host_id

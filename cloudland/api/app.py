@@ -83,4 +83,5 @@ def create_app(config: Config, *, connect_bus: bool = True) -> FastAPI:
 
     for service in (identity, compute, image, network, internal):
         app.include_router(service.router)
+    compute.versions.install_microversions(app)
     return app

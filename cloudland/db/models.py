@@ -10,7 +10,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -199,8 +199,9 @@ class Image(Base, Timestamps):
     protected: Mapped[bool] = mapped_column(Boolean, default=False)
     disk_format: Mapped[str | None] = mapped_column(String(32), nullable=True)
     container_format: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    size: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    virtual_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Bytes: BigInteger, images pass 2 GiB (PostgreSQL INTEGER is 32-bit).
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    virtual_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     checksum: Mapped[str | None] = mapped_column(String(32), nullable=True)  # md5
     os_hash_algo: Mapped[str | None] = mapped_column(String(32), nullable=True)
     os_hash_value: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -230,6 +231,9 @@ class Network(Base, Timestamps):
     segmentation_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     physical_network: Mapped[str | None] = mapped_column(String(64), nullable=True)
     port_security_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    availability_zone_hints: Mapped[list[Any]] = mapped_column(default=list)
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    revision_number: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Subnet(Base, Timestamps):
@@ -248,6 +252,8 @@ class Subnet(Base, Timestamps):
     host_routes: Mapped[list[Any]] = mapped_column(default=list)  # [{destination, nexthop}]
     ipv6_ra_mode: Mapped[str | None] = mapped_column(String(32), nullable=True)
     ipv6_address_mode: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    revision_number: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Port(Base, Timestamps):
@@ -266,6 +272,11 @@ class Port(Base, Timestamps):
     binding_host_id: Mapped[str] = mapped_column(String(255), default="")
     port_security_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     allowed_address_pairs: Mapped[list[Any]] = mapped_column(default=list)
+    security_groups: Mapped[list[Any]] = mapped_column(default=list)  # security group ids
+    binding_profile: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    binding_vnic_type: Mapped[str] = mapped_column(String(32), default="normal")
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    revision_number: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class IpAllocation(Base):

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-21 06:09:26.527796
+Create Date: 2026-11-21 06:12:32.382355
 """
 
 from alembic import op
@@ -68,8 +68,8 @@ def upgrade() -> None:
     sa.Column('protected', sa.Boolean(), nullable=False),
     sa.Column('disk_format', sa.String(length=32), nullable=True),
     sa.Column('container_format', sa.String(length=32), nullable=True),
-    sa.Column('size', sa.Integer(), nullable=True),
-    sa.Column('virtual_size', sa.Integer(), nullable=True),
+    sa.Column('size', sa.BigInteger(), nullable=True),
+    sa.Column('virtual_size', sa.BigInteger(), nullable=True),
     sa.Column('checksum', sa.String(length=32), nullable=True),
     sa.Column('os_hash_algo', sa.String(length=32), nullable=True),
     sa.Column('os_hash_value', sa.String(length=128), nullable=True),
@@ -148,6 +148,9 @@ def upgrade() -> None:
     sa.Column('segmentation_id', sa.Integer(), nullable=True),
     sa.Column('physical_network', sa.String(length=64), nullable=True),
     sa.Column('port_security_enabled', sa.Boolean(), nullable=False),
+    sa.Column('availability_zone_hints', sa.JSON(), nullable=False),
+    sa.Column('tags', sa.JSON(), nullable=False),
+    sa.Column('revision_number', sa.Integer(), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('updated_at', sa.DateTime(), nullable=False),
     sa.PrimaryKeyConstraint('id'),
@@ -187,6 +190,11 @@ def upgrade() -> None:
     sa.Column('binding_host_id', sa.String(length=255), nullable=False),
     sa.Column('port_security_enabled', sa.Boolean(), nullable=False),
     sa.Column('allowed_address_pairs', sa.JSON(), nullable=False),
+    sa.Column('security_groups', sa.JSON(), nullable=False),
+    sa.Column('binding_profile', sa.JSON(), nullable=False),
+    sa.Column('binding_vnic_type', sa.String(length=32), nullable=False),
+    sa.Column('tags', sa.JSON(), nullable=False),
+    sa.Column('revision_number', sa.Integer(), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('updated_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['network_id'], ['networks.id'], ),
@@ -226,6 +234,8 @@ def upgrade() -> None:
     sa.Column('host_routes', sa.JSON(), nullable=False),
     sa.Column('ipv6_ra_mode', sa.String(length=32), nullable=True),
     sa.Column('ipv6_address_mode', sa.String(length=32), nullable=True),
+    sa.Column('tags', sa.JSON(), nullable=False),
+    sa.Column('revision_number', sa.Integer(), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('updated_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['network_id'], ['networks.id'], ),

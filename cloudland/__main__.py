@@ -1,0 +1,3 @@
+from cloudland.cli.main import app
+
+app()

@@ -1,0 +1,55 @@
+"""Build the agent's drivers from the configuration."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+
+from cloudland.agent.drivers.compute.base import ComputeDriver
+from cloudland.agent.drivers.network.base import NetworkDriver
+from cloudland.config import Config
+
+
+def build_drivers(config: Config, host_id: str) -> tuple[ComputeDriver, NetworkDriver]:
+    state_dir = config.agent_state_dir(host_id)
+    if config.agent.compute_driver == "simulated":
+        from cloudland.agent.drivers.compute.simulated import SimulatedComputeDriver
+        from cloudland.agent.drivers.network.simulated import SimulatedNetworkDriver
+
+        a = config.agent
+        compute: ComputeDriver = SimulatedComputeDriver(
+            vcpus=a.vcpus or 64, memory_mb=a.memory_mb or 262144, disk_gb=a.disk_gb or 4096
+        )
+        return compute, SimulatedNetworkDriver()
+    if config.agent.compute_driver == "qemu":
+        # Imported here: the real drivers pull in pyroute2/qemu.qmp and need a real host.
+        from cloudland.agent.drivers.compute.qemu import QemuDriver
+        from cloudland.agent.drivers.network.linux import LinuxNetworkDriver
+
+        return (
+            QemuDriver(state_dir, accel=config.agent.accel),
+            LinuxNetworkDriver(
+                state_dir / "network", host_tag=host_tag(host_id), underlay_address=underlay_address(config)
+            ),
+        )
+    raise ValueError(f"unknown compute driver {config.agent.compute_driver!r}")
+
+
+def host_tag(host_id: str) -> str:
+    """A short tag, stable per host, that fits in Linux interface names."""
+    return hashlib.sha256(host_id.encode()).hexdigest()[:4]
+
+
+def underlay_address(config: Config) -> str:
+    """``agent.underlay_address``, else the source address of the default route."""
+    if config.agent.underlay_address:
+        return config.agent.underlay_address
+    # Connecting a UDP socket sends nothing; it only asks the kernel which source address
+    # it would use to reach a public (documentation-range) address.
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            address = s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    return address if address and address != "0.0.0.0" else "127.0.0.1"

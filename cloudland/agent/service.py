@@ -1,0 +1,394 @@
+"""The hypervisor agent: turns idempotent commands into driver calls and reports actual state.
+
+See docs/agent.md. In short: commands on ``host.<id>.cmd`` are queued per instance (or
+network) and run in order, different keys concurrently; a newer command for a key replaces
+one still waiting (every command carries the whole desired spec, so only the last one
+matters). Requests on ``host.<id>.rpc`` are answered directly. Every heartbeat tick the
+agent compares the driver's power states with what it last reported and reports changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from cloudland.agent.drivers.compute.base import ComputeDriver
+from cloudland.agent.drivers.network.base import NetworkDriver
+from cloudland.agent.factory import underlay_address
+from cloudland.agent.image_cache import ImageCache
+from cloudland.agent.instance_state import InstanceRecord, InstanceStateStore
+from cloudland.bus import subjects
+from cloudland.bus.connection import connect
+from cloudland.bus.messages import (
+    PROTOCOL_VERSION,
+    ConsoleOutput,
+    EnsureInstance,
+    EnsureInstanceAbsent,
+    EnsureNetwork,
+    EnsureNetworkAbsent,
+    GetConsoleOutput,
+    GetHostState,
+    Heartbeat,
+    HostCommand,
+    HostState,
+    InstanceSpec,
+    InstanceState,
+    InstanceStatus,
+    Message,
+    Resources,
+    decode,
+    encode,
+    state_digest,
+)
+from cloudland.config import Config
+
+log = logging.getLogger(__name__)
+
+_INVALID_ID_CHARS = set(".*> \t\r\n")
+
+
+class AgentService:
+    def __init__(
+        self,
+        config: Config,
+        compute: ComputeDriver,
+        network: NetworkDriver,
+        host_id: str | None = None,
+        image_cache: ImageCache | None = None,
+        records: InstanceStateStore | None = None,
+    ) -> None:
+        self.config = config
+        self.compute = compute
+        self.network = network
+        self.host_id = host_id or config.host_id()
+        if not self.host_id or _INVALID_ID_CHARS & set(self.host_id):
+            raise ValueError(f"host id {self.host_id!r} cannot be a NATS subject token (no '.', '*', '>')")
+        self.zone = config.agent.zone
+        state_dir = config.agent_state_dir(self.host_id)
+        self.images = image_cache or ImageCache(state_dir / "images")
+        self.records = records or InstanceStateStore(state_dir / "records")
+        self.address = underlay_address(config)
+        self.boot_id = ""
+        self.nc: Client | None = None
+        self._subs: list[Subscription] = []
+        # Last reported status of every instance this host has (never "absent").
+        self._status: dict[str, InstanceStatus] = {}
+        # Per key ("instance:<id>" / "network:<id>"): the newest command not yet started,
+        # and the task draining that key.
+        self._pending: dict[str, HostCommand] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        # Instances with a command running, and a counter bumped around every command, so
+        # the watcher never overwrites a report with a power state read during a command.
+        self._busy: set[str] = set()
+        self._seq: dict[str, int] = {}
+        self._watch_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.boot_id = secrets.token_hex(8)
+        await self.compute.init_host()
+        await self.network.init_host()
+        self.records.load()
+        self._status = {}
+        for iid, state in (await self.compute.list_instances()).items():
+            if state != "absent":
+                self._status[iid] = self._make_status(iid, state)
+        self.nc = await self._connect()
+        self._subs = [
+            await self.nc.subscribe(subjects.host_cmd(self.host_id), cb=self._on_command),
+            await self.nc.subscribe(subjects.host_rpc(self.host_id), cb=self._on_request),
+        ]
+        await self._publish(await self._host_state())
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat")
+        log.info("agent %s started (zone %s, %d instances, driver %s)",
+                 self.host_id, self.zone, len(self._status), self.compute.name)
+
+    async def stop(self) -> None:
+        """Stop listening and release the drivers; guests keep running."""
+        if self._heartbeat_task:
+            self._heartbeat_task.cancel()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs = []
+        # An interrupted command is harmless: the controller re-sends it, and it is idempotent.
+        tasks = [t for t in (self._heartbeat_task, *self._workers.values(), *self._tasks) if t]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._heartbeat_task = None
+        self._pending.clear()
+        if self.nc is not None:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5)
+            except Exception:
+                await self.nc.close()
+            self.nc = None
+        await self.compute.close()
+        await self.network.close()
+
+    async def run(self) -> None:
+        """Start, then serve until cancelled."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    async def _connect(self) -> Client:
+        delay = 0.5
+        while True:
+            try:
+                return await connect(
+                    self.config.nats.url, f"agent-{self.host_id}", on_reconnect=self._on_reconnect
+                )
+            except Exception as e:
+                log.warning("cannot reach NATS at %s (%s); retrying", self.config.nats.url, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _on_reconnect(self) -> None:
+        self._spawn(self._report_full_state())
+
+    async def _report_full_state(self) -> None:
+        await self._publish(await self._host_state())
+
+    # --- commands ---------------------------------------------------------------------------
+
+    async def _on_command(self, msg: Msg) -> None:
+        try:
+            cmd = decode(msg.data)
+        except Exception as e:
+            log.error("undecodable command on %s: %s", msg.subject, e)
+            return
+        if cmd.v > PROTOCOL_VERSION:
+            log.warning("command %s has protocol version %d (agent speaks %d)",
+                        type(cmd).__name__, cmd.v, PROTOCOL_VERSION)
+        if isinstance(cmd, EnsureInstance):
+            key = f"instance:{cmd.spec.id}"
+        elif isinstance(cmd, EnsureInstanceAbsent):
+            key = f"instance:{cmd.instance_id}"
+        elif isinstance(cmd, EnsureNetwork):
+            key = f"network:{cmd.spec.id}"
+        elif isinstance(cmd, EnsureNetworkAbsent):
+            key = f"network:{cmd.network_id}"
+        else:
+            log.warning("ignoring %s on the command subject", type(cmd).__name__)
+            return
+        self.submit(key, cmd)
+
+    def submit(self, key: str, cmd: HostCommand) -> None:
+        """Queue ``cmd`` behind the running command for ``key``; never blocks."""
+        self._pending[key] = cmd
+        if key not in self._workers:
+            self._workers[key] = asyncio.create_task(self._drain(key), name=f"agent-{key}")
+
+    async def _drain(self, key: str) -> None:
+        try:
+            while (cmd := self._pending.pop(key, None)) is not None:
+                await self._execute(cmd)
+        finally:
+            self._workers.pop(key, None)
+
+    async def _execute(self, cmd: HostCommand) -> None:
+        if isinstance(cmd, EnsureInstance | EnsureInstanceAbsent):
+            iid = cmd.spec.id if isinstance(cmd, EnsureInstance) else cmd.instance_id
+            self._busy.add(iid)
+            self._seq[iid] = self._seq.get(iid, 0) + 1
+            try:
+                if isinstance(cmd, EnsureInstance):
+                    await self._ensure_instance(cmd.spec)
+                else:
+                    await self._ensure_instance_absent(iid)
+            except Exception as e:
+                log.exception("instance %s: %s failed", iid, type(cmd).__name__)
+                await self._report(iid, "error", error=_describe(e))
+            finally:
+                self._busy.discard(iid)
+                self._seq[iid] += 1
+            return
+        try:
+            if isinstance(cmd, EnsureNetwork):
+                await self.network.ensure_network(cmd.spec)
+            else:
+                await self.network.remove_network(cmd.network_id)
+        except Exception:
+            # No per-network report exists: the controller sees the network list in HostState.
+            log.exception("%s failed", type(cmd).__name__)
+
+    async def _ensure_instance(self, spec: InstanceSpec) -> None:
+        iid = spec.id
+        old = self.records.get(iid)
+        if await self.compute.power_state(iid) == "absent":
+            await self._report(iid, "building", generation=spec.reboot_generation)
+        # A new instance boots fresh: no reboot is owed for generations before it existed.
+        applied = old.applied_reboot_generation if old else spec.reboot_generation
+        # Persist the spec before touching ports so an absent command can always clean up.
+        await self.records.save(InstanceRecord(spec=spec, applied_reboot_generation=applied))
+        if old:
+            keep = {p.port_id for p in spec.ports}
+            for port in old.spec.ports:
+                if port.port_id not in keep:
+                    await self.network.unplug_port(port.port_id)
+        base_image = await self.images.ensure(spec.image) if spec.image else None
+        for port in spec.ports:
+            await self.network.plug_port(port)
+        await self.compute.prepare(spec, base_image)
+
+        state = await self.compute.power_state(iid)
+        if spec.power == "running":
+            if state != "running":
+                await self.compute.power_on(spec)
+                applied = max(applied, spec.reboot_generation)  # a fresh boot is the reboot
+            elif spec.reboot_generation > applied:
+                await self.compute.reboot(iid, spec.reboot_hard)
+                applied = spec.reboot_generation
+        else:
+            if state in ("running", "paused"):
+                await self.compute.power_off(iid, self.config.compute.shutdown_timeout)
+            applied = max(applied, spec.reboot_generation)  # a stopped guest owes no reboot
+        await self.records.save(InstanceRecord(spec=spec, applied_reboot_generation=applied))
+        await self._report(iid, await self.compute.power_state(iid), generation=applied)
+
+    async def _ensure_instance_absent(self, iid: str) -> None:
+        record = self.records.get(iid)
+        await self.compute.destroy(iid)
+        if record:
+            for port in record.spec.ports:
+                await self.network.unplug_port(port.port_id)
+        await self.records.forget(iid)
+        await self._report(iid, "absent", generation=0)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def _on_request(self, msg: Msg) -> None:
+        self._spawn(self._answer(msg))
+
+    async def _answer(self, msg: Msg) -> None:
+        try:
+            req = decode(msg.data)
+            reply: Message
+            if isinstance(req, GetConsoleOutput):
+                output = await self.compute.console_output(req.instance_id, req.length)
+                reply = ConsoleOutput(output=output or "", found=output is not None)
+            elif isinstance(req, GetHostState):
+                await self.watch()
+                reply = await self._host_state()
+            else:
+                log.warning("ignoring %s on the request subject", type(req).__name__)
+                return
+            await msg.respond(encode(reply))
+        except Exception:
+            log.exception("request on %s failed", msg.subject)
+
+    async def _host_state(self) -> HostState:
+        return HostState(
+            host_id=self.host_id,
+            instances=list(self._status.values()),
+            networks=await self.network.list_networks(),
+        )
+
+    # --- reports ----------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self.watch()
+                await self._publish(self.heartbeat())
+            except Exception:
+                log.exception("heartbeat failed")
+            await asyncio.sleep(self.config.agent.heartbeat_seconds)
+
+    def heartbeat(self) -> Heartbeat:
+        statuses = list(self._status.values())
+        return Heartbeat(
+            host_id=self.host_id,
+            zone=self.zone,
+            address=self.address,
+            boot_id=self.boot_id,
+            resources=self.resources(),
+            state_digest=state_digest(statuses),
+            instance_count=len(statuses),
+            driver=self.compute.name,
+        )
+
+    def resources(self) -> Resources:
+        measured = self.compute.resources()
+        a = self.config.agent
+        return Resources(
+            vcpus=a.vcpus or measured.vcpus,
+            memory_mb=a.memory_mb or measured.memory_mb,
+            disk_gb=a.disk_gb or measured.disk_gb,
+        )
+
+    async def watch(self) -> None:
+        """Report every instance whose power state changed without a command (a guest that
+        shut itself down, a QEMU that died, a guest that disappeared)."""
+        async with self._watch_lock:
+            seq = dict(self._seq)
+            actual = await self.compute.list_instances()
+
+            def settled(iid: str) -> bool:
+                return (iid not in self._busy and f"instance:{iid}" not in self._pending
+                        and self._seq.get(iid) == seq.get(iid))
+
+            for iid, state in actual.items():
+                current = self._status.get(iid)
+                # An error stays reported until the next command for the instance.
+                if current is not None and (current.state == "error" or current.state == state):
+                    continue
+                if settled(iid):
+                    await self._report(iid, state)
+            for iid in [i for i, s in self._status.items() if i not in actual and s.state != "error"]:
+                if settled(iid):
+                    await self._report(iid, "absent", generation=0)
+
+    def _make_status(
+        self, iid: str, state: InstanceState, generation: int | None = None, error: str | None = None
+    ) -> InstanceStatus:
+        if generation is None:
+            record = self.records.get(iid)
+            generation = record.applied_reboot_generation if record else 0
+        return InstanceStatus(
+            host_id=self.host_id, instance_id=iid, state=state, reboot_generation=generation, error=error
+        )
+
+    async def _report(
+        self, iid: str, state: InstanceState, generation: int | None = None, error: str | None = None
+    ) -> None:
+        status = self._make_status(iid, state, generation, error)
+        if state == "absent":
+            self._status.pop(iid, None)
+        else:
+            self._status[iid] = status
+        await self._publish(status)
+
+    async def _publish(self, msg: Message) -> None:
+        nc = self.nc
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await nc.publish(subjects.report(self.zone), encode(msg))
+        except Exception as e:
+            # The level-triggered controller recovers from a lost report via the digest.
+            log.warning("cannot publish %s: %s", type(msg).__name__, e)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return text if text else type(e).__name__
