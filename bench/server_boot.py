@@ -24,8 +24,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloudland.guest import BOOT_MARKER  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from cloudland.guest import BOOT_MARKER
+from tests.conftest import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -51,7 +51,8 @@ def login(auth: dict) -> tuple[str, dict[str, str]]:
     return r.headers["X-Subject-Token"], catalog
 
 
-def boot_once(client: httpx.Client, compute: str, image_id: str, network_id: str, n: int) -> tuple[float, float]:
+def boot_once(client: httpx.Client, compute: str, image_id: str, network_id: str,
+              n: int) -> tuple[float, float]:
     body = {"server": {"name": f"bench-{n}", "imageRef": image_id, "flavorRef": "42",
                        "networks": [{"uuid": network_id}]}}
     t0 = time.monotonic()

@@ -86,5 +86,5 @@ def port_view(port: Port, fixed_ips: list[dict[str, str]], *, admin: bool) -> di
         body["binding:host_id"] = port.binding_host_id
         body["binding:profile"] = dict(port.binding_profile or {})
         body["binding:vif_type"] = "bridge" if bound else "unbound"
-        body["binding:vif_details"] = {"port_filter": True} if bound else {}
+        body["binding:vif_details"] = {}
     return body

@@ -1,0 +1,324 @@
+"""POST /servers: validate the request like Nova, check quotas, write instances and ports."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cloudland.api.context import RequestContext
+from cloudland.api.errors import ApiError, bad_request, conflict
+from cloudland.db.models import Flavor, Host, Image, Instance, Keypair, Network, Port
+
+# Nova's default quotas per project.
+QUOTA_INSTANCES = 10
+QUOTA_CORES = 20
+QUOTA_RAM = 51200
+MAX_USER_DATA = 65535
+
+
+@dataclass
+class NetRequest:
+    network: Network
+    port: Port | None = None
+    fixed_ip: str | None = None
+
+
+@dataclass
+class CreateRequest:
+    name: str
+    flavor: Flavor
+    image: Image | None
+    networks: list[NetRequest]
+    min_count: int = 1
+    max_count: int = 1
+    key_name: str | None = None
+    key_data: str | None = None
+    user_data: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    security_groups: list[str] = field(default_factory=list)
+    availability_zone: str | None = None
+    config_drive: bool = False
+
+
+def _ref_id(ref: Any) -> str:
+    """flavorRef / imageRef may be an id or a URL ending in the id."""
+    return str(ref).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _count(body: dict[str, Any], key: str) -> int:
+    value = body.get(key, 1)
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise bad_request(f"Invalid input for field/attribute {key}. Value: {value}.")
+    if count < 1 or isinstance(value, bool):
+        raise bad_request(f"Invalid input for field/attribute {key}. Value: {value}.")
+    return count
+
+
+def _name(body: dict[str, Any]) -> str:
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip() or len(name) > 255:
+        raise bad_request("Invalid input for field/attribute name. Value: %s." % (name,))
+    return name
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad_request("Invalid input for field/attribute metadata. Value: %s." % (value,))
+    for k, v in value.items():
+        if not isinstance(v, str) or not k or len(k) > 255 or len(v) > 255:
+            raise bad_request("Invalid input for field/attribute metadata. Value: %s." % (value,))
+    return dict(value)
+
+
+def _user_data(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_USER_DATA:
+        raise bad_request("User data needs to be valid base 64.")
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("User data needs to be valid base 64.")
+    return value
+
+
+def _config_drive(value: Any) -> bool:
+    if value in (None, "", False):
+        return False
+    if value is True or str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise bad_request(f"Invalid input for field/attribute config_drive. Value: {value}.")
+
+
+def _security_groups(value: Any) -> list[str]:
+    if value is None:
+        return ["default"]
+    if not isinstance(value, list):
+        raise bad_request("Invalid input for field/attribute security_groups.")
+    names = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise bad_request("Invalid input for field/attribute security_groups.")
+        if item["name"] not in names:
+            names.append(item["name"])
+    return names
+
+
+async def _flavor(session: AsyncSession, ctx: RequestContext, ref: Any) -> Flavor:
+    if ref in (None, ""):
+        raise bad_request("Missing flavorRef attribute.")
+    flavor_id = _ref_id(ref)
+    flavor = await session.get(Flavor, flavor_id)
+    if flavor is None or flavor.disabled or (not flavor.is_public and not ctx.is_admin):
+        raise bad_request(f"Flavor {flavor_id} could not be found.")
+    return flavor
+
+
+def _boot_image_from_bdm(bdms: Any) -> str | None:
+    """The image of a block_device_mapping_v2 whose boot disk is a local copy of an image."""
+    if bdms is None:
+        return None
+    if not isinstance(bdms, list):
+        raise bad_request("Invalid input for field/attribute block_device_mapping_v2.")
+    image_id = None
+    for bdm in bdms:
+        if not isinstance(bdm, dict):
+            raise bad_request("Invalid input for field/attribute block_device_mapping_v2.")
+        source = bdm.get("source_type")
+        destination = bdm.get("destination_type", "local")
+        boot_index = bdm.get("boot_index")
+        if source == "image" and destination == "local" and str(boot_index) == "0":
+            image_id = str(bdm.get("uuid") or "")
+            continue
+        raise bad_request("Block device mappings other than the boot image are not supported yet.")
+    return image_id
+
+
+async def _image(session: AsyncSession, ctx: RequestContext, image_ref: Any, bdms: Any) -> Image:
+    image_id = _ref_id(image_ref) if image_ref else _boot_image_from_bdm(bdms)
+    if image_ref:
+        _boot_image_from_bdm(bdms)  # still reject volumes
+    if not image_id:
+        raise bad_request("Missing imageRef attribute.")
+    image = await session.get(Image, image_id)
+    visible = image is not None and not image.deleted and (
+        ctx.is_admin or image.owner == ctx.project_id or image.visibility in ("public", "community"))
+    if image is None or not visible:
+        raise bad_request(f"Image {image_id} could not be found.")
+    if image.status != "active":
+        raise bad_request(f"Image {image_id} is not active.")
+    return image
+
+
+async def _keypair(session: AsyncSession, ctx: RequestContext, key_name: Any) -> Keypair | None:
+    if key_name is None:
+        return None
+    keypair = (await session.execute(select(Keypair).where(
+        Keypair.user_id == ctx.user_id, Keypair.name == str(key_name)))).scalar_one_or_none()
+    if keypair is None:
+        raise bad_request("Invalid key_name provided.")
+    return keypair
+
+
+def _visible_network_clause(ctx: RequestContext):  # type: ignore[no-untyped-def]
+    return or_(Network.project_id == ctx.project_id, Network.shared.is_(True))
+
+
+async def _networks(session: AsyncSession, ctx: RequestContext, value: Any, count: int) -> list[NetRequest]:
+    if value == "none":
+        return []
+    if value is None or value == "auto":
+        candidates = (await session.execute(
+            select(Network).where(_visible_network_clause(ctx), Network.external.is_(False))
+            .order_by(Network.created_at).limit(2))).scalars().all()
+        if len(candidates) > 1:
+            raise conflict("Multiple possible networks found, use a Network ID to be more specific.")
+        if not candidates and value == "auto":
+            raise bad_request("Unable to automatically allocate a network for project "
+                              f"{ctx.project_id}")
+        return [NetRequest(candidates[0])] if candidates else []
+    if not isinstance(value, list):
+        raise bad_request("Invalid input for field/attribute networks.")
+    requests = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise bad_request("Invalid input for field/attribute networks.")
+        port_id, net_id, fixed_ip = item.get("port"), item.get("uuid"), item.get("fixed_ip")
+        if port_id:
+            if count > 1:
+                raise bad_request("Unable to launch multiple instances with a single configured port ID. "
+                                  "Please launch your instance one by one with different ports.")
+            port = await session.get(Port, str(port_id))
+            if port is None or not (ctx.is_admin or port.project_id == ctx.project_id):
+                raise bad_request(f"Port id {port_id} could not be found.")
+            if port.device_id:
+                raise conflict(f"Port {port_id} is still in use.")
+            network = await session.get(Network, port.network_id)
+            assert network is not None
+            requests.append(NetRequest(network, port=port))
+            continue
+        if not net_id:
+            raise bad_request("Invalid input for field/attribute networks.")
+        network = await session.get(Network, str(net_id))
+        if network is None or not (ctx.is_admin or network.shared or network.project_id == ctx.project_id):
+            raise bad_request(f"Network {net_id} could not be found.")
+        if fixed_ip is not None and count > 1:
+            raise bad_request("max_count cannot be greater than 1 if an fixed_ip is specified.")
+        requests.append(NetRequest(network, fixed_ip=str(fixed_ip) if fixed_ip else None))
+    return requests
+
+
+async def _availability_zone(session: AsyncSession, value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    zone = str(value).split(":", 1)[0]
+    if zone == "nova":
+        return zone
+    known = (await session.execute(select(Host.id).where(Host.zone == zone).limit(1))).first()
+    if known is None:
+        raise bad_request("The requested availability zone is not available")
+    return zone
+
+
+async def parse_create(session: AsyncSession, ctx: RequestContext, payload: Any) -> CreateRequest:
+    if not isinstance(payload, dict) or not isinstance(payload.get("server"), dict):
+        raise bad_request("Invalid input for request: 'server' is a required property")
+    body: dict[str, Any] = payload["server"]
+    min_count, max_count = _count(body, "min_count"), _count(body, "max_count")
+    if "max_count" not in body:
+        max_count = max(max_count, min_count)
+    if min_count > max_count:
+        raise bad_request("min_count must be <= max_count")
+    keypair = await _keypair(session, ctx, body.get("key_name"))
+    return CreateRequest(
+        name=_name(body),
+        flavor=await _flavor(session, ctx, body.get("flavorRef")),
+        image=await _image(session, ctx, body.get("imageRef"), body.get("block_device_mapping_v2")),
+        networks=await _networks(session, ctx, body.get("networks"), max_count),
+        min_count=min_count,
+        max_count=max_count,
+        key_name=keypair.name if keypair else None,
+        key_data=keypair.public_key if keypair else None,
+        user_data=_user_data(body.get("user_data")),
+        metadata=_metadata(body.get("metadata")),
+        security_groups=_security_groups(body.get("security_groups")),
+        availability_zone=await _availability_zone(session, body.get("availability_zone")),
+        config_drive=_config_drive(body.get("config_drive")),
+    )
+
+
+async def allowed_count(session: AsyncSession, project_id: str, req: CreateRequest) -> int:
+    """How many of the requested servers fit the project's quota (Nova: as many as possible)."""
+    count, cores, ram = (await session.execute(
+        select(func.count(Instance.id),
+               func.coalesce(func.sum(Instance.flavor["vcpus"].as_integer()), 0),
+               func.coalesce(func.sum(Instance.flavor["ram"].as_integer()), 0))
+        .where(Instance.project_id == project_id, Instance.deleted.is_(False)))).one()
+    limits = [("instances", 1, count, QUOTA_INSTANCES),
+              ("cores", req.flavor.vcpus, cores, QUOTA_CORES),
+              ("ram", req.flavor.ram, ram, QUOTA_RAM)]
+    fits = req.max_count
+    for _name_, per, used, limit in limits:
+        if per > 0:
+            fits = min(fits, max(0, (limit - used) // per))
+    if fits < req.min_count:
+        overs = [(n, per, used, limit) for n, per, used, limit in limits
+                 if per > 0 and used + per * req.min_count > limit]
+        names = ", ".join(n for n, *_ in overs)
+        requested = ", ".join(str(per * req.min_count) for _, per, _, _ in overs)
+        used_s = ", ".join(str(used) for _, _, used, _ in overs)
+        allowed = ", ".join(str(limit) for *_, limit in overs)
+        raise ApiError(403, f"Quota exceeded for {names}: Requested {requested}, but already used "
+                            f"{used_s} of {allowed} {names}")
+    return fits
+
+
+def flavor_copy(flavor: Flavor) -> dict[str, Any]:
+    return {"vcpus": flavor.vcpus, "ram": flavor.ram, "disk": flavor.disk, "swap": flavor.swap,
+            "ephemeral": flavor.ephemeral, "name": flavor.name, "extra_specs": dict(flavor.extra_specs or {})}
+
+
+async def create_instances(session: AsyncSession, ctx: RequestContext, req: CreateRequest,
+                           count: int) -> list[Instance]:
+    """Instance rows and their ports; the caller owns the transaction."""
+    from cloudland.api.network import ipam
+
+    project_id = ctx.project_id
+    assert project_id is not None
+    instances = []
+    for index in range(count):
+        inst = Instance(
+            name=f"{req.name}-{index + 1}" if count > 1 else req.name,
+            project_id=project_id, user_id=ctx.user_id,
+            image_id=req.image.id if req.image else None,
+            flavor_id=req.flavor.id, flavor=flavor_copy(req.flavor),
+            key_name=req.key_name, key_data=req.key_data, user_data=req.user_data,
+            config_drive=req.config_drive, metadata_=req.metadata,
+            availability_zone=req.availability_zone, security_groups=req.security_groups,
+            vm_state="building", task_state="scheduling", power_state=0, desired_power="running")
+        session.add(inst)
+        await session.flush()
+        for net in req.networks:
+            if net.port is not None:
+                claimed = await session.execute(
+                    update(Port).where(Port.id == net.port.id, Port.device_id == "")
+                    .values(device_id=inst.id, device_owner="compute:nova"))
+                if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                    raise conflict(f"Port {net.port.id} is still in use.")
+                continue
+            fixed_ips = [{"ip_address": net.fixed_ip}] if net.fixed_ip else None
+            await ipam.create_port(session, network=net.network, project_id=project_id,
+                                   device_id=inst.id, device_owner="compute:nova", fixed_ips=fixed_ips)
+        instances.append(inst)
+    return instances

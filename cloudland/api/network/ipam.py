@@ -1,0 +1,303 @@
+"""IP address management and port creation, used inside the caller's transaction.
+
+Every function flushes and never commits, so the API routes and other services (servers,
+routers) can create and delete ports atomically with their own rows. Uniqueness is enforced
+by the database (``ip_allocations`` primary key, ``ports (network_id, mac_address)``):
+a concurrent request that takes the address we picked makes our insert fail inside a
+savepoint, and we pick the next free address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cloudland.api.errors import ApiError
+from cloudland.db.models import IpAllocation, Network, Port, Subnet
+
+ROUTER_OWNERS = ("network:router_interface", "network:router_interface_distributed",
+                 "network:router_gateway", "network:ha_router_replicated_interface")
+AUTO_ADDRESS_MODES = ("slaac", "dhcpv6-stateless")
+MAX_ATTEMPTS = 32
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def is_auto_address(subnet: Subnet) -> bool:
+    return subnet.ip_version == 6 and subnet.ipv6_address_mode in AUTO_ADDRESS_MODES
+
+
+def pool_ranges(subnet: Subnet) -> list[tuple[int, int]]:
+    return [(int(ipaddress.ip_address(p["start"])), int(ipaddress.ip_address(p["end"])))
+            for p in subnet.allocation_pools or []]
+
+
+def first_free(ranges: list[tuple[int, int]], used: set[int]) -> int | None:
+    """Lowest address in the pools not in ``used``: O(len(used)), not O(pool size)."""
+    ordered = sorted(used)
+    for start, end in sorted(ranges):
+        candidate = start
+        for address in ordered:
+            if address < candidate:
+                continue
+            if address > candidate:
+                break
+            candidate += 1
+        if candidate <= end:
+            return candidate
+    return None
+
+
+def eui64(cidr: str, mac: str) -> str:
+    octets = bytearray(int(part, 16) for part in mac.split(":"))
+    octets[0] ^= 0x02
+    interface_id = int.from_bytes(bytes(octets[:3]) + b"\xff\xfe" + bytes(octets[3:]), "big")
+    network = ipaddress.ip_network(cidr)
+    return str(network.network_address + interface_id)
+
+
+def check_ip_for_subnet(subnet: Subnet, ip: str, device_owner: str) -> str:
+    """Canonical form of ``ip`` if a port may hold it on ``subnet``; else 400 InvalidIpForSubnet."""
+    bad = ApiError(400, f"IP address {ip} is not a valid IP for the specified subnet.", "InvalidIpForSubnet")
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        raise bad
+    network = ipaddress.ip_network(subnet.cidr)
+    if address.version != network.version or address not in network:
+        raise bad
+    if address == network.network_address and device_owner not in ROUTER_OWNERS:
+        raise bad
+    if network.version == 4 and address == network.broadcast_address:
+        raise bad
+    if is_auto_address(subnet) and device_owner not in ROUTER_OWNERS:
+        raise ApiError(400, f"IPv6 address {ip} cannot be directly assigned to a port on subnet "
+                       f"{subnet.id} since the subnet is configured for automatic addresses",
+                       "InvalidInput")
+    if str(address) == subnet.gateway_ip and device_owner not in ROUTER_OWNERS:
+        raise ip_in_use(str(address), subnet.id)
+    return str(address)
+
+
+def ip_in_use(ip: str, subnet_id: str) -> ApiError:
+    return ApiError(409, f"IP address {ip} already allocated in subnet {subnet_id}", "IpAddressAlreadyAllocated")
+
+
+def exhausted(network_id: str) -> ApiError:
+    return ApiError(409, f"No more IP addresses available on network {network_id}.",
+                    "IpAddressGenerationFailure")
+
+
+async def _try_insert(session: AsyncSession, port: Port, subnet: Subnet, ip: str) -> bool:
+    """Insert one allocation in a savepoint; False if someone holds the address already."""
+    try:
+        async with session.begin_nested():
+            session.add(IpAllocation(subnet_id=subnet.id, ip_address=ip, port_id=port.id,
+                                     network_id=subnet.network_id))
+    except IntegrityError:
+        return False
+    return True
+
+
+async def allocate(session: AsyncSession, port: Port, subnet: Subnet, ip: str | None = None) -> str:
+    """Give ``port`` an address on ``subnet``: ``ip`` if free, else the lowest free one in the pools."""
+    if ip is not None:
+        ip = check_ip_for_subnet(subnet, ip, port.device_owner)
+        if not await _try_insert(session, port, subnet, ip):
+            raise ip_in_use(ip, subnet.id)
+        return ip
+    if is_auto_address(subnet):
+        ip = eui64(subnet.cidr, port.mac_address)
+        if not await _try_insert(session, port, subnet, ip):
+            raise ip_in_use(ip, subnet.id)
+        return ip
+    rows = await session.scalars(select(IpAllocation.ip_address).where(IpAllocation.subnet_id == subnet.id))
+    used = {int(ipaddress.ip_address(a)) for a in rows}
+    if subnet.gateway_ip:
+        used.add(int(ipaddress.ip_address(subnet.gateway_ip)))
+    ranges = pool_ranges(subnet)
+    version = ipaddress.ip_network(subnet.cidr).version
+    for _ in range(MAX_ATTEMPTS):
+        candidate = first_free(ranges, used)
+        if candidate is None:
+            break
+        text = str(ipaddress.ip_address(candidate) if version == 4 else ipaddress.IPv6Address(candidate))
+        if await _try_insert(session, port, subnet, text):
+            return text
+        used.add(candidate)  # taken by a concurrent request since we read the table
+    raise exhausted(subnet.network_id)
+
+
+def random_mac() -> str:
+    return "fa:16:3e:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+async def _mac_taken(session: AsyncSession, network_id: str, mac: str) -> bool:
+    found = await session.scalar(select(Port.id).where(Port.network_id == network_id,
+                                                       Port.mac_address == mac).limit(1))
+    return found is not None
+
+
+def mac_in_use(network_id: str, mac: str) -> ApiError:
+    return ApiError(409, f"Unable to complete operation for network {network_id}. "
+                    f"The mac address {mac} is in use.", "MacAddressInUse")
+
+
+async def network_subnets(session: AsyncSession, network_id: str) -> list[Subnet]:
+    rows = await session.scalars(select(Subnet).where(Subnet.network_id == network_id)
+                                 .order_by(Subnet.created_at, Subnet.id))
+    return list(rows)
+
+
+async def resolve_fixed_ips(session: AsyncSession, network: Network,
+                            fixed_ips: list[dict[str, Any]]) -> list[tuple[Subnet, str | None]]:
+    """Requested fixed_ips → (subnet, ip or None); a subnet may be named or found by the ip."""
+    subnets = await network_subnets(session, network.id)
+    by_id = {s.id: s for s in subnets}
+    wanted: list[tuple[Subnet, str | None]] = []
+    for entry in fixed_ips:
+        if not isinstance(entry, dict) or not entry or set(entry) - {"subnet_id", "ip_address"}:
+            raise ApiError(400, "Invalid input for fixed_ips: each entry needs subnet_id and/or ip_address.",
+                           "HTTPBadRequest")
+        subnet_id, ip = entry.get("subnet_id"), entry.get("ip_address")
+        if ip is not None and not isinstance(ip, str):
+            raise ApiError(400, f"Invalid input for ip_address: '{ip}' is not a valid IP address.",
+                           "HTTPBadRequest")
+        if subnet_id:
+            subnet = by_id.get(subnet_id)
+            if subnet is None:
+                if await session.get(Subnet, subnet_id) is None:
+                    raise ApiError(404, f"Subnet {subnet_id} could not be found.", "SubnetNotFound")
+                raise ApiError(400, f"Failed to create port on network {network.id}, because fixed_ips "
+                               f"included invalid subnet {subnet_id}", "InvalidInput")
+        else:
+            subnet = _subnet_for_ip(subnets, ip, network.id)
+        wanted.append((subnet, ip))
+    return wanted
+
+
+def _subnet_for_ip(subnets: list[Subnet], ip: str | None, network_id: str) -> Subnet:
+    try:
+        address = ipaddress.ip_address(ip or "")
+    except ValueError:
+        raise ApiError(400, f"Invalid input for ip_address: '{ip}' is not a valid IP address.",
+                       "HTTPBadRequest")
+    for subnet in subnets:
+        if address in ipaddress.ip_network(subnet.cidr):
+            return subnet
+    raise ApiError(400, f"IP address {ip} is not a valid IP for any of the subnets on the specified "
+                   f"network {network_id}.", "InvalidIpForNetwork")
+
+
+async def allocate_default(session: AsyncSession, port: Port, network_id: str) -> None:
+    """No fixed_ips requested: one IPv4 and one stateful IPv6 address, plus every SLAAC subnet."""
+    subnets = await network_subnets(session, network_id)
+    for version in (4, 6):
+        candidates = [s for s in subnets if s.ip_version == version and not is_auto_address(s)]
+        for subnet in candidates:
+            try:
+                await allocate(session, port, subnet)
+                break
+            except ApiError as exc:
+                if exc.kind != "IpAddressGenerationFailure":
+                    raise
+        else:
+            if candidates:
+                raise exhausted(network_id)
+    for subnet in subnets:
+        if is_auto_address(subnet):
+            await allocate(session, port, subnet)
+
+
+async def create_port(session: AsyncSession, *, network: Network, project_id: str, device_id: str = "",
+                      device_owner: str = "", fixed_ips: list[dict[str, Any]] | None = None,
+                      mac_address: str | None = None, name: str = "", binding_host_id: str = "",
+                      attrs: dict[str, Any] | None = None) -> Port:
+    """Create a port with its addresses (``fixed_ips`` None: automatic; [] none). ``attrs`` sets
+    further Port columns (description, admin_state_up, security_groups, ...)."""
+    if mac_address is not None:
+        if await _mac_taken(session, network.id, mac_address):
+            raise mac_in_use(network.id, mac_address)
+    else:
+        for _ in range(MAX_ATTEMPTS):
+            mac_address = random_mac()
+            if not await _mac_taken(session, network.id, mac_address):
+                break
+    wanted = await resolve_fixed_ips(session, network, fixed_ips) if fixed_ips else []
+    values: dict[str, Any] = {"port_security_enabled": network.port_security_enabled} | (attrs or {})
+    port = Port(network_id=network.id, project_id=project_id, name=name, mac_address=mac_address,
+                device_id=device_id, device_owner=device_owner, binding_host_id=binding_host_id, **values)
+    session.add(port)
+    try:
+        await session.flush()
+    except IntegrityError:
+        raise mac_in_use(network.id, mac_address or "")
+    if fixed_ips is None:
+        await allocate_default(session, port, network.id)
+    for subnet, ip in wanted:
+        await allocate(session, port, subnet, ip)
+    return port
+
+
+async def replace_fixed_ips(session: AsyncSession, port: Port, network: Network,
+                            fixed_ips: list[dict[str, Any]]) -> None:
+    """Port update: keep addresses still requested, release the others, allocate the new ones."""
+    wanted = await resolve_fixed_ips(session, network, fixed_ips)
+    current = {(a.subnet_id, a.ip_address): a for a in
+               await session.scalars(select(IpAllocation).where(IpAllocation.port_id == port.id))}
+    keep: set[tuple[str, str]] = set()
+    new: list[tuple[Subnet, str | None]] = []
+    for subnet, ip in wanted:
+        if ip is not None:
+            try:
+                key = (subnet.id, str(ipaddress.ip_address(ip)))
+            except ValueError:
+                key = (subnet.id, ip)
+            if key in current and key not in keep:
+                keep.add(key)
+                continue
+        elif any(k[0] == subnet.id and k not in keep for k in current) and not any(
+                s.id == subnet.id for s, _ in new):
+            key = next(k for k in current if k[0] == subnet.id and k not in keep)
+            keep.add(key)
+            continue
+        new.append((subnet, ip))
+    for key, allocation in current.items():
+        if key not in keep:
+            await session.delete(allocation)
+    await session.flush()
+    for subnet, ip in new:
+        await allocate(session, port, subnet, ip)
+
+
+async def delete_port(session: AsyncSession, port_id: str) -> None:
+    """Delete a port and release its addresses; nothing happens if it does not exist."""
+    await session.execute(delete(IpAllocation).where(IpAllocation.port_id == port_id))
+    await session.execute(delete(Port).where(Port.id == port_id))
+    await session.flush()
+
+
+async def delete_ports_of_device(session: AsyncSession, device_id: str) -> None:
+    ids = list(await session.scalars(select(Port.id).where(Port.device_id == device_id)))
+    if ids:
+        await session.execute(delete(IpAllocation).where(IpAllocation.port_id.in_(ids)))
+        await session.execute(delete(Port).where(Port.id.in_(ids)))
+        await session.flush()
+
+
+async def port_fixed_ips(session: AsyncSession, port_ids: list[str]) -> dict[str, list[dict[str, str]]]:
+    """Fixed IPs of many ports in one query: ``{port_id: [{subnet_id, ip_address}]}``."""
+    result: dict[str, list[dict[str, str]]] = {pid: [] for pid in port_ids}
+    if not port_ids:
+        return result
+    rows = await session.execute(
+        select(IpAllocation.port_id, IpAllocation.subnet_id, IpAllocation.ip_address)
+        .where(IpAllocation.port_id.in_(port_ids)).order_by(IpAllocation.port_id))
+    for port_id, subnet_id, ip in rows:
+        result[port_id].append({"subnet_id": subnet_id, "ip_address": ip})
+    return result
