@@ -184,6 +184,8 @@ class Instance(Base, Timestamps):
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     # Security group names requested at create time (enforced by the network issue's work).
     security_groups: Mapped[list[Any]] = mapped_column(default=list)
+    # Ports the user passed at create time: detached, not deleted, when the server goes (Nova).
+    preserved_port_ids: Mapped[list[Any]] = mapped_column(default=list)
 
 
 # --- image ------------------------------------------------------------------------------------

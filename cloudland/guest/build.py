@@ -68,7 +68,7 @@ def resolve_kernel_package() -> tuple[str, str]:
 
 def _inputs_digest() -> str:
     h = hashlib.sha256(f"builder={BUILDER_VERSION};cmdline={KERNEL_CMDLINE};".encode())
-    for path in sorted(FILES_DIR.iterdir()) + [BUSYBOX, SYSLINUX_MBR]:
+    for path in [*sorted(FILES_DIR.iterdir()), BUSYBOX, SYSLINUX_MBR]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:12]

@@ -64,7 +64,7 @@ def _count(body: dict[str, Any], key: str) -> int:
 def _name(body: dict[str, Any]) -> str:
     name = body.get("name")
     if not isinstance(name, str) or not name.strip() or len(name) > 255:
-        raise bad_request("Invalid input for field/attribute name. Value: %s." % (name,))
+        raise bad_request(f"Invalid input for field/attribute name. Value: {name}.")
     return name
 
 
@@ -72,10 +72,10 @@ def _metadata(value: Any) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise bad_request("Invalid input for field/attribute metadata. Value: %s." % (value,))
+        raise bad_request(f"Invalid input for field/attribute metadata. Value: {value}.")
     for k, v in value.items():
         if not isinstance(v, str) or not k or len(k) > 255 or len(v) > 255:
-            raise bad_request("Invalid input for field/attribute metadata. Value: %s." % (value,))
+            raise bad_request(f"Invalid input for field/attribute metadata. Value: {value}.")
     return dict(value)
 
 
@@ -178,7 +178,8 @@ def _visible_network_clause(ctx: RequestContext):  # type: ignore[no-untyped-def
 async def _networks(session: AsyncSession, ctx: RequestContext, value: Any, count: int) -> list[NetRequest]:
     if value == "none":
         return []
-    if value is None or value == "auto":
+    # Before 2.37 an empty list means what omitting it means: the project's one network.
+    if value is None or value == "auto" or value == []:
         candidates = (await session.execute(
             select(Network).where(_visible_network_clause(ctx), Network.external.is_(False))
             .order_by(Network.created_at).limit(2))).scalars().all()
@@ -269,7 +270,7 @@ async def allowed_count(session: AsyncSession, project_id: str, req: CreateReque
               ("cores", req.flavor.vcpus, cores, QUOTA_CORES),
               ("ram", req.flavor.ram, ram, QUOTA_RAM)]
     fits = req.max_count
-    for _name_, per, used, limit in limits:
+    for _, per, used, limit in limits:
         if per > 0:
             fits = min(fits, max(0, (limit - used) // per))
     if fits < req.min_count:
@@ -306,6 +307,7 @@ async def create_instances(session: AsyncSession, ctx: RequestContext, req: Crea
             key_name=req.key_name, key_data=req.key_data, user_data=req.user_data,
             config_drive=req.config_drive, metadata_=req.metadata,
             availability_zone=req.availability_zone, security_groups=req.security_groups,
+            preserved_port_ids=[n.port.id for n in req.networks if n.port is not None],
             vm_state="building", task_state="scheduling", power_state=0, desired_power="running")
         session.add(inst)
         await session.flush()

@@ -1,7 +1,231 @@
-"""Nova servers."""
+"""Nova servers: create, list, show, rename, delete, addresses and actions.
+
+The API only writes desired state (and ports); the controller schedules and converges.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import re
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
+
+from cloudland.api.compute import common, server_actions, server_create
+from cloudland.api.compute.server_render import load_addresses, render_brief, render_server
+from cloudland.api.context import RequestContext, require_context
+from cloudland.api.deps import get_db, wake_controller
+from cloudland.api.errors import bad_request, forbidden, not_found
+from cloudland.api.policy import require_project_scope, require_write
+from cloudland.db.models import Instance
 
 router = APIRouter()
+
+MAX_LIMIT = 1000
+_REBOOT_TASKS = ("rebooting", "reboot_pending", "reboot_started")
+_HARD_REBOOT_TASKS = ("rebooting_hard", "reboot_pending_hard", "reboot_started_hard")
+_STATUS_VM_STATES = {"BUILD": "building", "SHUTOFF": "stopped", "ERROR": "error", "PAUSED": "paused",
+                     "SUSPENDED": "suspended", "RESCUE": "rescued", "DELETED": "deleted"}
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+        raise bad_request(f"Malformed request body: {e}")
+
+
+def _base(request: Request) -> str:
+    return common.base_url(request)
+
+
+async def load_server(session: AsyncSession, ctx: RequestContext, server_id: str) -> Instance:
+    inst = await session.get(Instance, server_id)
+    if inst is None or inst.deleted or not (ctx.is_admin or ctx.owns(inst.project_id)):
+        raise not_found(f"Instance {server_id} could not be found.")
+    return inst
+
+
+def _status_clause(status: str) -> ColumnElement[bool] | None:
+    status = status.upper()
+    if status == "ACTIVE":
+        return and_(Instance.vm_state == "active", or_(
+            Instance.task_state.is_(None), Instance.task_state.not_in(_REBOOT_TASKS + _HARD_REBOOT_TASKS)))
+    if status == "REBOOT":
+        return and_(Instance.vm_state == "active", Instance.task_state.in_(_REBOOT_TASKS))
+    if status == "HARD_REBOOT":
+        return and_(Instance.vm_state == "active", Instance.task_state.in_(_HARD_REBOOT_TASKS))
+    vm_state = _STATUS_VM_STATES.get(status)
+    return Instance.vm_state == vm_state if vm_state else None
+
+
+def _limit(params: dict[str, str]) -> int:
+    raw = params.get("limit")
+    if raw is None:
+        return MAX_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise bad_request("limit param must be an integer")
+    if limit < 0:
+        raise bad_request("limit param must be positive")
+    return min(limit, MAX_LIMIT)
+
+
+async def _list(request: Request, session: AsyncSession, ctx: RequestContext,
+                detail: bool) -> dict[str, Any]:
+    params = dict(request.query_params)
+    query = select(Instance).where(Instance.deleted.is_(False))
+    all_tenants = params.get("all_tenants")
+    if all_tenants is not None and all_tenants.lower() not in ("0", "false", "off", "no"):
+        if not ctx.is_admin:
+            raise forbidden("Policy doesn't allow os_compute_api:servers:index:get_all_tenants "
+                            "to be performed.")
+        project = params.get("project_id") or params.get("tenant_id")
+        if project:
+            query = query.where(Instance.project_id == project)
+    else:
+        query = query.where(Instance.project_id == require_project_scope(ctx))
+    if params.get("name"):
+        try:
+            re.compile(params["name"])
+        except re.error:
+            raise bad_request(f"Invalid regular expression for name: {params['name']}")
+        query = query.where(Instance.name.regexp_match(params["name"]))
+    if params.get("status"):
+        clause = _status_clause(params["status"])
+        if clause is None:
+            return {"servers": []}
+        query = query.where(clause)
+    if params.get("image"):
+        query = query.where(Instance.image_id == params["image"].rstrip("/").rsplit("/", 1)[-1])
+    if params.get("flavor"):
+        query = query.where(Instance.flavor_id == params["flavor"].rstrip("/").rsplit("/", 1)[-1])
+    if params.get("host") and ctx.is_admin:
+        query = query.where(Instance.host == params["host"])
+    limit = _limit(params)
+    if params.get("marker"):
+        marker = await session.get(Instance, params["marker"])
+        if marker is None or not (ctx.is_admin or ctx.owns(marker.project_id)):
+            raise bad_request(f"marker [{params['marker']}] not found")
+        query = query.where(or_(Instance.created_at < marker.created_at,
+                                and_(Instance.created_at == marker.created_at, Instance.id < marker.id)))
+    query = query.order_by(Instance.created_at.desc(), Instance.id.desc()).limit(limit)
+    try:
+        rows = list((await session.execute(query)).scalars())
+    except DBAPIError:
+        if not params.get("name"):
+            raise
+        # PostgreSQL's regular expressions are POSIX, not Python's.
+        raise bad_request(f"Invalid regular expression for name: {params['name']}")
+    base = _base(request)
+    if detail:
+        addresses = await load_addresses(session, [r.id for r in rows])
+        servers = [render_server(r, addresses.get(r.id, {}), base, admin=ctx.is_admin) for r in rows]
+    else:
+        servers = [render_brief(r, base) for r in rows]
+    body: dict[str, Any] = {"servers": servers}
+    if rows and len(rows) == limit:
+        path = "servers/detail" if detail else "servers"
+        body["servers_links"] = [common.next_link(request, path, rows[-1].id)]
+    return body
+
+
+@router.get("/servers")
+async def list_servers(request: Request, ctx: RequestContext = Depends(require_context),
+                       session: AsyncSession = Depends(get_db)) -> dict[str, Any]:
+    return await _list(request, session, ctx, detail=False)
+
+
+@router.get("/servers/detail")
+async def list_servers_detail(request: Request, ctx: RequestContext = Depends(require_context),
+                              session: AsyncSession = Depends(get_db)) -> dict[str, Any]:
+    return await _list(request, session, ctx, detail=True)
+
+
+@router.post("/servers", status_code=202)
+async def create_server(request: Request, ctx: RequestContext = Depends(require_context),
+                        session: AsyncSession = Depends(get_db)) -> JSONResponse:
+    require_write(ctx)
+    project_id = require_project_scope(ctx)
+    payload = await _json(request)
+    async with session.begin():
+        req = await server_create.parse_create(session, ctx, payload)
+        count = await server_create.allowed_count(session, project_id, req)
+        instances = await server_create.create_instances(session, ctx, req, count)
+    await wake_controller(request, [i.id for i in instances])
+    first = instances[0]
+    body = {"id": first.id, "links": render_brief(first, _base(request))["links"],
+            "OS-DCF:diskConfig": "MANUAL",
+            "security_groups": [{"name": n} for n in first.security_groups]}
+    return JSONResponse({"server": body}, status_code=202)
+
+
+@router.get("/servers/{server_id}")
+async def show_server(server_id: str, request: Request, ctx: RequestContext = Depends(require_context),
+                      session: AsyncSession = Depends(get_db)) -> dict[str, Any]:
+    inst = await load_server(session, ctx, server_id)
+    addresses = await load_addresses(session, [inst.id])
+    return {"server": render_server(inst, addresses.get(inst.id, {}), _base(request), admin=ctx.is_admin)}
+
+
+@router.put("/servers/{server_id}")
+async def update_server(server_id: str, request: Request, ctx: RequestContext = Depends(require_context),
+                        session: AsyncSession = Depends(get_db)) -> dict[str, Any]:
+    require_write(ctx)
+    payload = await _json(request)
+    if not isinstance(payload, dict) or not isinstance(payload.get("server"), dict):
+        raise bad_request("Invalid input for request: 'server' is a required property")
+    changes = payload["server"]
+    async with session.begin():
+        inst = await load_server(session, ctx, server_id)
+        if "name" in changes:
+            name = changes["name"]
+            if not isinstance(name, str) or not name.strip() or len(name) > 255:
+                raise bad_request(f"Invalid input for field/attribute name. Value: {name}.")
+            inst.name = name
+    addresses = await load_addresses(session, [inst.id])
+    return {"server": render_server(inst, addresses.get(inst.id, {}), _base(request), admin=ctx.is_admin)}
+
+
+@router.delete("/servers/{server_id}", status_code=204)
+async def delete_server(server_id: str, request: Request, ctx: RequestContext = Depends(require_context),
+                        session: AsyncSession = Depends(get_db)) -> Response:
+    """The server leaves the API at once; the controller destroys the guest and frees its ports."""
+    require_write(ctx)
+    async with session.begin():
+        inst = await load_server(session, ctx, server_id)
+        inst.deleted = True
+        inst.task_state = "deleting"
+    await wake_controller(request, [server_id])
+    return Response(status_code=204)
+
+
+@router.get("/servers/{server_id}/ips")
+async def server_ips(server_id: str, ctx: RequestContext = Depends(require_context),
+                     session: AsyncSession = Depends(get_db)) -> dict[str, Any]:
+    inst = await load_server(session, ctx, server_id)
+    addresses = await load_addresses(session, [inst.id])
+    return {"addresses": addresses.get(inst.id, {})}
+
+
+@router.post("/servers/{server_id}/action")
+async def server_action(server_id: str, request: Request, ctx: RequestContext = Depends(require_context),
+                        session: AsyncSession = Depends(get_db)) -> Response:
+    require_write(ctx)
+    payload = await _json(request)
+    if isinstance(payload, dict) and "os-getConsoleOutput" in payload and len(payload) == 1:
+        # A read: no transaction stays open while the host answers.
+        inst = await load_server(session, ctx, server_id)
+        await session.commit()  # ends the read; expire_on_commit is off
+        output = await server_actions.console_output(request, inst, payload["os-getConsoleOutput"])
+        return JSONResponse(output, status_code=200)
+    async with session.begin():
+        inst = await load_server(session, ctx, server_id)
+        server_actions.run_action(inst, payload)
+    await wake_controller(request, [server_id])
+    return Response(status_code=202)

@@ -42,7 +42,6 @@ def _version(request: Request, *, detail: bool) -> dict[str, Any]:
     return doc
 
 
-@router.get("")
 @router.get("/")
 async def list_versions(request: Request) -> JSONResponse:
     return JSONResponse({"versions": [_version(request, detail=False)]})
@@ -92,6 +91,10 @@ class MicroversionMiddleware:
         except ApiError as exc:
             await _send_fault(send, exc)
             return
+        if path == "/compute":
+            # The router cannot hold an empty path under the /compute prefix; serve it as /compute/
+            # rather than answering with a redirect.
+            scope = {**scope, "path": "/compute/", "raw_path": b"/compute/"}
         scope.setdefault("state", {})["microversion"] = version
         extra = [
             (b"openstack-api-version", f"{SERVICE} {version}".encode()),

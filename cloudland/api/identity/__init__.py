@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from cloudland.api.identity import routes_auth, routes_versions
+from cloudland.api.identity import (
+    routes_auth,
+    routes_domains,
+    routes_projects,
+    routes_roles,
+    routes_users,
+    routes_versions,
+)
 from cloudland.api.identity.catalog import Catalog
 from cloudland.api.identity.passwords import PasswordVerifier
 from cloudland.api.identity.service import IdentityService
@@ -16,7 +23,8 @@ from cloudland.config import Config
 CACHE_TTL_SECONDS = 5.0
 
 router = APIRouter(prefix="/identity")
-for _module in (routes_versions, routes_auth):
+router.add_api_route("", routes_versions.versions, methods=["GET"], include_in_schema=False)
+for _module in (routes_versions, routes_auth, routes_domains, routes_projects, routes_users, routes_roles):
     router.include_router(_module.router)
 
 

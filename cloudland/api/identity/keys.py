@@ -9,6 +9,7 @@ rotations happen within its lifetime.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from cryptography.fernet import Fernet, MultiFernet
@@ -23,13 +24,19 @@ def _key_files(repo: Path) -> list[tuple[int, Path]]:
 
 
 def _write_key(repo: Path, number: int) -> None:
-    tmp = repo / f".{number}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write key ``number`` atomically; if another process got there first, keep its key."""
+    tmp = repo / f".{number}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, Fernet.generate_key())
     finally:
         os.close(fd)
-    os.replace(tmp, repo / str(number))
+    try:
+        os.link(tmp, repo / str(number))  # atomic and never overwrites (API workers start together)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
 
 
 def _repo(keys_dir: Path) -> Path:

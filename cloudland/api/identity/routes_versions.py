@@ -11,6 +11,7 @@ from cloudland.api.identity.render import JsonResponse
 from cloudland.api.identity.service import identity
 
 router = APIRouter()
+# ``GET /identity`` (no slash) is added by the package, which owns the prefix.
 
 UPDATED = "2019-01-22T00:00:00Z"
 
@@ -22,7 +23,6 @@ def version(base: str) -> dict[str, Any]:
                              "type": "application/vnd.openstack.identity-v3+json"}]}
 
 
-@router.get("")
 @router.get("/")
 async def versions(request: Request) -> Response:
     # Keystone answers 300 Multiple Choices here; clients accept it and it is what they expect.

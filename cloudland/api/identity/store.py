@@ -72,22 +72,22 @@ class IdentityStore:
         self._sessionmaker = sessionmaker
         self.ttl = ttl
         self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
-        self._generation = 0
+        self.generation = 0
 
     def invalidate(self) -> None:
         self._cache.clear()
-        self._generation += 1
+        self.generation += 1
 
     async def _cached(self, key: tuple[Any, ...], load: Callable[[AsyncSession], Awaitable[T]]) -> T:
         hit = self._cache.get(key)
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
-        generation = self._generation
+        generation = self.generation
         async with self._sessionmaker() as session:
             value = await load(session)
         # An invalidation during the load means the value may predate a write: do not keep it.
-        if generation == self._generation:
+        if generation == self.generation:
             if len(self._cache) > 200_000:
                 self._cache.clear()
             self._cache[key] = (now + self.ttl, value)

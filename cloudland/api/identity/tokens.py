@@ -161,6 +161,8 @@ class TokenProvider:
         self._fernet = load_fernet(keys_dir)
         # Decrypting costs more than a dict lookup; validated payloads are remembered.
         self._decoded: OrderedDict[str, TokenPayload] = OrderedDict()
+        # (user, project, domain) -> (store generation, monotonic expiry, Resolved); failures are not kept.
+        self._resolved: dict[tuple[str, str | None, str | None], tuple[int, float, Resolved]] = {}
 
     def reload_keys(self) -> None:
         """Pick up rotated keys (call after ``rotate_fernet_keys``)."""
@@ -170,6 +172,19 @@ class TokenProvider:
     async def resolve(self, user_id: str, project_id: str | None = None,
                       domain_id: str | None = None) -> Resolved:
         """The user and scope as they are now, or 401 if any of it is gone or disabled."""
+        key = (user_id, project_id, domain_id)
+        hit = self._resolved.get(key)
+        if hit is not None and hit[0] == self.store.generation and hit[1] > time.monotonic():
+            return hit[2]
+        generation = self.store.generation
+        resolved = await self._resolve(user_id, project_id, domain_id)
+        if generation == self.store.generation:
+            if len(self._resolved) > 100_000:
+                self._resolved.clear()
+            self._resolved[key] = (generation, time.monotonic() + self.store.ttl, resolved)
+        return resolved
+
+    async def _resolve(self, user_id: str, project_id: str | None, domain_id: str | None) -> Resolved:
         store = self.store
         user = await store.user(user_id)
         if user is None or not user.enabled:

@@ -85,7 +85,8 @@ def check_ip_for_subnet(subnet: Subnet, ip: str, device_owner: str) -> str:
 
 
 def ip_in_use(ip: str, subnet_id: str) -> ApiError:
-    return ApiError(409, f"IP address {ip} already allocated in subnet {subnet_id}", "IpAddressAlreadyAllocated")
+    return ApiError(409, f"IP address {ip} already allocated in subnet {subnet_id}",
+                    "IpAddressAlreadyAllocated")
 
 
 def exhausted(network_id: str) -> ApiError:
@@ -137,7 +138,7 @@ def random_mac() -> str:
     return "fa:16:3e:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
 
 
-async def _mac_taken(session: AsyncSession, network_id: str, mac: str) -> bool:
+async def mac_taken(session: AsyncSession, network_id: str, mac: str) -> bool:
     found = await session.scalar(select(Port.id).where(Port.network_id == network_id,
                                                        Port.mac_address == mac).limit(1))
     return found is not None
@@ -221,12 +222,12 @@ async def create_port(session: AsyncSession, *, network: Network, project_id: st
     """Create a port with its addresses (``fixed_ips`` None: automatic; [] none). ``attrs`` sets
     further Port columns (description, admin_state_up, security_groups, ...)."""
     if mac_address is not None:
-        if await _mac_taken(session, network.id, mac_address):
+        if await mac_taken(session, network.id, mac_address):
             raise mac_in_use(network.id, mac_address)
     else:
         for _ in range(MAX_ATTEMPTS):
             mac_address = random_mac()
-            if not await _mac_taken(session, network.id, mac_address):
+            if not await mac_taken(session, network.id, mac_address):
                 break
     wanted = await resolve_fixed_ips(session, network, fixed_ips) if fixed_ips else []
     values: dict[str, Any] = {"port_security_enabled": network.port_security_enabled} | (attrs or {})

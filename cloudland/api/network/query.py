@@ -71,7 +71,8 @@ def _convert(value: str, kind: type) -> Any:
     return value
 
 
-def apply_filters(stmt: Select[Any], params: ListParams, attrs: dict[str, Attr], *, admin: bool) -> Select[Any]:
+def apply_filters(stmt: Select[Any], params: ListParams, attrs: dict[str, Attr], *,
+                  admin: bool) -> Select[Any]:
     """Equality filters on known attributes (repeated values mean any of them); others are ignored."""
     for name, values in params.filters.items():
         attr = attrs.get(name)

@@ -118,7 +118,8 @@ def check_project(ctx_project_id: str | None, is_admin: bool, attrs: dict[str, A
 def allowed_address_pairs(value: Any) -> list[dict[str, str]]:
     pairs = []
     for pair in as_list(value, "allowed_address_pairs"):
-        if not isinstance(pair, dict) or "ip_address" not in pair or set(pair) - {"ip_address", "mac_address"}:
+        if not isinstance(pair, dict) or "ip_address" not in pair or \
+                set(pair) - {"ip_address", "mac_address"}:
             raise invalid("Allowed address pairs must be a list of {ip_address, mac_address} dictionaries.")
         ip = pair["ip_address"]
         try:

@@ -63,6 +63,17 @@ def delete_link(ipr: IPRoute, name: str) -> None:
             raise
 
 
+def disable_ipv6(name: str) -> None:
+    """No IPv6 (link-local or SLAAC from a tenant's RA) on the hypervisor's side of a
+    tenant network: the host must not be addressable from guests."""
+    path = f"/proc/sys/net/ipv6/conf/{name.replace('.', '/')}/disable_ipv6"
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except FileNotFoundError:
+        pass  # IPv6 disabled in this kernel or namespace
+
+
 def bridge_ports(ipr: IPRoute, bridge_index: int) -> list[tuple[str, str | None]]:
     """(name, kind) of every interface enslaved to the bridge."""
     return [
@@ -81,6 +92,7 @@ def ensure_bridge(ipr: IPRoute, name: str, mtu: int) -> int:
         ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
         index = link_index(ipr, name)
         assert index is not None
+    disable_ipv6(name)
     ipr.link("set", index=index, mtu=mtu, state="up")
     return index
 
@@ -118,6 +130,7 @@ def ensure_vxlan(ipr: IPRoute, name: str, vni: int, local: str, mtu: int, bridge
         )
         index = link_index(ipr, name)
         assert index is not None
+    disable_ipv6(name)
     ipr.link("set", index=index, master=bridge_index, mtu=mtu, state="up")
     return index
 
@@ -159,6 +172,7 @@ def ensure_tap(ipr: IPRoute, name: str, mtu: int, bridge_index: int) -> int:
         ipr.link("add", ifname=name, kind="tuntap", mode="tap")
         index = link_index(ipr, name)
         assert index is not None
+    disable_ipv6(name)
     ipr.link("set", index=index, master=bridge_index, mtu=mtu, state="up")
     return index
 
@@ -189,12 +203,16 @@ def ensure_veth_into_netns(
         )
         index = link_index(ipr, host_name)
         assert index is not None
+    disable_ipv6(host_name)
     ipr.link("set", index=index, master=bridge_index, mtu=mtu, state="up")
     return index
 
 
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
 def configure_netns_interface(
-    ns_name: str, ifname: str, mac: str, mtu: int, addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]
+    ns_name: str, ifname: str, mac: str, mtu: int, addresses: list[IPInterface]
 ) -> None:
     """Set MAC, MTU and exactly ``addresses`` (link-local IPv6 untouched) on ``ifname``."""
     with IPRoute(netns=ns_name, flags=0) as nsr:

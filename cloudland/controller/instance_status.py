@@ -1,0 +1,101 @@
+"""Apply the agents' InstanceStatus reports to instance rows, many in one transaction.
+
+A report moves vm_state/power_state to what the host has; task_state is cleared only when
+the report shows the desired state reached, so a stale report never ends a pending action.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cloudland.api.network import ipam
+from cloudland.bus.messages import InstanceStatus
+from cloudland.db.models import Instance, Port, utcnow
+
+POWER_RUNNING, POWER_PAUSED, POWER_SHUTDOWN, POWER_NOSTATE = 1, 3, 4, 0
+
+
+@dataclass
+class Outcome:
+    # (instance, its host, the networks its ports were on)
+    finalized: list[tuple[Instance, str | None, set[str]]] = field(default_factory=list)
+    # Live instances the host says it does not have: EnsureInstance must go again.
+    missing: list[str] = field(default_factory=list)
+    # (host, instance) pairs of guests that must not exist on that host.
+    strays: list[tuple[str, str]] = field(default_factory=list)
+
+
+async def finalize_delete(session: AsyncSession, inst: Instance) -> set[str]:
+    """The guest is gone (or its host is down): release the ports and mark the row deleted.
+    Returns the networks its ports were on."""
+    networks = set(await session.scalars(select(Port.network_id).where(Port.device_id == inst.id)))
+    if inst.preserved_port_ids:
+        await session.execute(
+            update(Port).where(Port.id.in_(inst.preserved_port_ids), Port.device_id == inst.id)
+            .values(device_id="", device_owner="", binding_host_id="", status="DOWN"))
+    await ipam.delete_ports_of_device(session, inst.id)
+    now = utcnow()
+    inst.deleted = True
+    inst.deleted_at = now
+    inst.terminated_at = now
+    inst.vm_state = "deleted"
+    inst.task_state = None
+    inst.power_state = POWER_NOSTATE
+    return networks
+
+
+def _apply(inst: Instance, status: InstanceStatus) -> None:
+    state = status.state
+    if state == "running":
+        inst.vm_state, inst.power_state, inst.fault = "active", POWER_RUNNING, None
+        if inst.launched_at is None:
+            inst.launched_at = utcnow()
+        if inst.desired_power == "running" and status.reboot_generation >= inst.reboot_generation:
+            inst.task_state = None
+    elif state == "stopped":
+        if inst.vm_state == "active" and inst.task_state is None and inst.desired_power == "running":
+            # The guest shut itself down: like Nova, that becomes the desired state.
+            inst.desired_power = "stopped"
+        inst.vm_state, inst.power_state, inst.fault = "stopped", POWER_SHUTDOWN, None
+        if inst.launched_at is None:
+            inst.launched_at = utcnow()
+        if inst.desired_power == "stopped":
+            inst.task_state = None
+    elif state == "paused":
+        inst.vm_state, inst.power_state = "paused", POWER_PAUSED
+    elif state == "error":
+        inst.vm_state, inst.task_state = "error", None
+        inst.fault = {"code": 500, "message": status.error or "Unknown error on the hypervisor",
+                      "created": utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")}
+    # "building" changes nothing: the row is building (or a task is pending) already.
+
+
+async def apply_statuses(session: AsyncSession, statuses: Iterable[InstanceStatus]) -> Outcome:
+    """Apply reports in the caller's transaction; the last report per instance wins."""
+    latest: dict[str, InstanceStatus] = {}
+    for status in statuses:
+        latest[status.instance_id] = status
+    outcome = Outcome()
+    if not latest:
+        return outcome
+    rows = {i.id: i for i in await session.scalars(select(Instance).where(Instance.id.in_(list(latest))))}
+    for iid, status in latest.items():
+        inst = rows.get(iid)
+        if inst is None or inst.deleted_at is not None or inst.host != status.host_id:
+            if status.state != "absent":
+                outcome.strays.append((status.host_id, iid))
+            continue
+        if inst.deleted:
+            if status.state == "absent":
+                networks = await finalize_delete(session, inst)
+                outcome.finalized.append((inst, inst.host, networks))
+            continue
+        if status.state == "absent":
+            outcome.missing.append(iid)
+            continue
+        _apply(inst, status)
+    return outcome

@@ -1,0 +1,374 @@
+"""The level-triggered reconciler: compare desired state (rows) with reported state, send commands.
+
+What the controller believes each host has (``actual``) comes only from the agents' reports
+and full state replies; commands are idempotent and carry the whole spec, so a lost one is
+simply sent again once its in-flight window expires. Work per pass is bounded: only dirty
+instances (woken, reported, expired, on a resynced host) plus a slice of a rolling sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cloudland.bus.messages import (
+    EnsureInstance,
+    EnsureInstanceAbsent,
+    EnsureNetwork,
+    EnsureNetworkAbsent,
+    Heartbeat,
+    HostCommand,
+    HostState,
+    InstanceStatus,
+    encode,
+    state_digest,
+)
+from cloudland.config import Config
+from cloudland.controller import scheduler, specs
+from cloudland.controller.hosts import HostIndex
+from cloudland.controller.instance_status import Outcome, apply_statuses, finalize_delete
+from cloudland.db.models import Host, Instance, Port
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str, HostCommand], Awaitable[None]]
+HostNet = tuple[str, str]
+
+
+@dataclass
+class InFlight:
+    fingerprint: tuple[object, ...]
+    sent_at: float
+
+
+class Reconciler:
+    """All state is in memory and rebuilt from reports; the database holds desired state."""
+
+    def __init__(self, config: Config, sessionmaker: async_sessionmaker[AsyncSession], hosts: HostIndex,
+                 send: Send, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.sessionmaker = sessionmaker
+        self.hosts = hosts
+        self.send = send
+        self.clock = clock
+        c = config.controller
+        # How long a command may be worked on before it is sent again.
+        self.command_timeout = max(30.0, 6 * c.reconcile_seconds)
+        self.network_resend = 300.0
+        self.schedule_batch = 500
+        self.dirty_batch = 2000
+        self.sweep_batch = 1000
+        self.schedule_after = self.clock() + 1.5 * config.agent.heartbeat_seconds
+        # host -> instance -> last status (never "absent"); hosts whose full state is known.
+        self.actual: dict[str, dict[str, InstanceStatus]] = defaultdict(dict)
+        self.synced: set[str] = set()
+        self._digests: dict[str, str] = {}
+        # (host, instance) -> the last command sent for it, until the host reports it done.
+        self.inflight: dict[HostNet, InFlight] = {}
+        self.net_sent: dict[HostNet, tuple[str, float]] = {}
+        self.dirty: set[str] = set()
+        self.dirty_nets: set[HostNet] = set()
+        self.hosts_to_check: set[str] = set()
+        self.hosts_changed: set[str] = set()  # came up or went down: their networks' peers change
+        self.pending_reports: list[InstanceStatus] = []
+        self._reported_networks: dict[str, set[str]] = {}
+        self._peers_of: set[str] = set()  # networks whose member hosts need fresh peer lists
+        self._sweep_marker = ""
+
+    # --- reports (called from the NATS callbacks; no I/O) ------------------------------------
+
+    def on_status(self, status: InstanceStatus) -> None:
+        states = self.actual[status.host_id]
+        if status.state == "absent":
+            states.pop(status.instance_id, None)
+            self.inflight.pop((status.host_id, status.instance_id), None)
+        else:
+            states[status.instance_id] = status
+        self._digests.pop(status.host_id, None)
+        self.pending_reports.append(status)
+
+    def on_host_state(self, state: HostState) -> None:
+        host = state.host_id
+        self.actual[host] = {s.instance_id: s for s in state.instances if s.state != "absent"}
+        self._digests.pop(host, None)
+        self.synced.add(host)
+        reported = set(state.networks)
+        for key in [k for k in self.net_sent if k[0] == host and k[1] not in reported]:
+            del self.net_sent[key]  # the host lost it: send again
+        self.pending_reports.extend(s for s in state.instances if s.state != "absent")
+        self.hosts_to_check.add(host)
+        self._reported_networks[host] = reported
+
+    def on_heartbeat(self, hb: Heartbeat) -> bool:
+        """Update the index; True when the host's full state must be fetched."""
+        result = self.hosts.observe(hb)
+        if result.came_up:
+            self.hosts_changed.add(hb.host_id)
+        if result.restarted:
+            self.forget_host(hb.host_id)
+        return hb.host_id not in self.synced or hb.state_digest != self.believed_digest(hb.host_id)
+
+    def forget_host(self, host: str) -> None:
+        """The agent restarted: its in-flight commands may be lost, and its state is unknown."""
+        self.synced.discard(host)
+        for key in [k for k in self.inflight if k[0] == host]:
+            del self.inflight[key]
+        for key in [k for k in self.net_sent if k[0] == host]:
+            del self.net_sent[key]
+
+    def believed_digest(self, host: str) -> str:
+        digest = self._digests.get(host)
+        if digest is None:
+            digest = self._digests[host] = state_digest(list(self.actual[host].values()))
+        return digest
+
+    def wake(self, instance_ids: Iterable[str]) -> None:
+        self.dirty.update(instance_ids)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.dirty or self.dirty_nets or self.hosts_to_check or self.pending_reports)
+
+    # --- the pass --------------------------------------------------------------------------
+
+    async def run_pass(self, sweep: bool = False) -> None:
+        for host in self.hosts.sweep():
+            log.warning("host %s is down (no heartbeat for %.0fs)", host, self.hosts.down_after)
+            self.hosts_changed.add(host)
+            self.synced.discard(host)
+        await self.flush_reports()
+        async with self.sessionmaker() as session, session.begin():
+            await self.hosts.persist(session)
+            disabled = set(await session.scalars(select(Host.id).where(Host.enabled.is_(False))))
+            self.hosts.set_disabled(disabled)
+            await self._collect(session, sweep)
+        if self.clock() >= self.schedule_after:
+            await self.schedule()
+        await self.converge()
+
+    async def flush_reports(self) -> None:
+        if not self.pending_reports:
+            return
+        reports, self.pending_reports = self.pending_reports, []
+        async with self.sessionmaker() as session, session.begin():
+            outcome = await apply_statuses(session, reports)
+        await self._after_reports(outcome)
+
+    async def _after_reports(self, outcome: Outcome) -> None:
+        for inst, host, networks in outcome.finalized:
+            self.inflight.pop((host or "", inst.id), None)
+            self._networks_changed(host, networks)
+        self.dirty.update(outcome.missing)
+        for host, iid in outcome.strays:
+            await self._send_absent(host, iid)
+
+    def _networks_changed(self, host: str | None, networks: Iterable[str]) -> None:
+        """Ports came or went on ``host``: it and its peers on those networks need new specs."""
+        for net in networks:
+            if host:
+                self.dirty_nets.add((host, net))
+            self._peers_of.add(net)
+
+    async def _collect(self, session: AsyncSession, sweep: bool) -> None:
+        """Turn host events and expired commands into dirty instances and networks."""
+        now = self.clock()
+        for (host, iid), flight in list(self.inflight.items()):
+            status = self.actual.get(host, {}).get(iid)
+            if now - flight.sent_at > self.command_timeout and not (status and status.state == "error"):
+                del self.inflight[(host, iid)]
+                self.dirty.add(iid)
+        check = self.hosts_to_check | {h for h in self.hosts_changed if not self.hosts.is_up(h)}
+        if check:
+            self.dirty.update(await session.scalars(select(Instance.id).where(
+                Instance.host.in_(list(check)), Instance.deleted_at.is_(None))))
+        if self.hosts_to_check:
+            wanted = await specs.networks_of_hosts(session, self.hosts_to_check)
+            for host in self.hosts_to_check:
+                for net in wanted[host] | self._reported_networks.get(host, set()):
+                    self.dirty_nets.add((host, net))
+        self.hosts_to_check = set()
+        if self.hosts_changed:
+            nets = await specs.networks_of_hosts(session, self.hosts_changed)
+            self._peers_of.update(n for ns in nets.values() for n in ns)
+            self.hosts_changed = set()
+        if self._peers_of:
+            members = await specs.hosts_of_networks(session, self._peers_of)
+            for net, hosts in members.items():
+                self.dirty_nets.update((h, net) for h in hosts)
+            self._peers_of = set()
+        if sweep:
+            ids = list(await session.scalars(
+                select(Instance.id).where(Instance.deleted_at.is_(None), Instance.id > self._sweep_marker)
+                .order_by(Instance.id).limit(self.sweep_batch)))
+            self.dirty.update(ids)
+            self._sweep_marker = ids[-1] if len(ids) == self.sweep_batch else ""
+
+    # --- scheduling ------------------------------------------------------------------------
+
+    async def schedule(self) -> None:
+        async with self.sessionmaker() as session, session.begin():
+            pending = list(await session.scalars(
+                select(Instance).where(Instance.host.is_(None), Instance.deleted_at.is_(None),
+                                       Instance.vm_state == "building")
+                .order_by(Instance.created_at, Instance.id).limit(self.schedule_batch)))
+            if not pending:
+                return
+            placement = scheduler.Placement(self.hosts.up_hosts(), await scheduler.load_usage(session),
+                                            self.config.controller)
+            for inst in pending:
+                if inst.deleted:
+                    self.dirty.add(inst.id)  # local delete, in converge()
+                    continue
+                host_id = placement.pick(inst.flavor or {}, inst.availability_zone)
+                if host_id is None:
+                    log.info("instance %s: no valid host", inst.id)
+                    await scheduler.fail_no_host(session, inst.id)
+                    continue
+                host = self.hosts.get(host_id)
+                assert host is not None
+                if await scheduler.claim(session, inst.id, host):
+                    self.dirty.add(inst.id)
+                    nets = await session.scalars(select(Port.network_id).where(Port.device_id == inst.id))
+                    self._networks_changed(host_id, set(nets))
+        if self._peers_of:
+            async with self.sessionmaker() as session:
+                members = await specs.hosts_of_networks(session, self._peers_of)
+            for net, hosts in members.items():
+                self.dirty_nets.update((h, net) for h in hosts)
+            self._peers_of = set()
+
+    # --- converging ------------------------------------------------------------------------
+
+    def _matches(self, inst: Instance, status: InstanceStatus | None) -> bool:
+        return (status is not None and status.state == inst.desired_power
+                and status.reboot_generation >= inst.reboot_generation)
+
+    def _fingerprint(self, inst: Instance) -> tuple[object, ...]:
+        if inst.deleted:
+            return ("absent",)
+        return ("present", inst.desired_power, inst.reboot_generation)
+
+    def _in_flight(self, iid: str, host: str, fingerprint: tuple[object, ...]) -> bool:
+        flight = self.inflight.get((host, iid))
+        if flight is None or flight.fingerprint != fingerprint:
+            return False
+        status = self.actual.get(host, {}).get(iid)
+        if status is not None and status.state == "error":
+            return True  # no retry loop on a failing guest; a new request (reboot) changes the fingerprint
+        return self.clock() - flight.sent_at < self.command_timeout
+
+    async def converge(self) -> None:
+        if not self.dirty and not self.dirty_nets:
+            return
+        batch = set()
+        while self.dirty and len(batch) < self.dirty_batch:
+            batch.add(self.dirty.pop())
+        ensure: dict[str, list[Instance]] = defaultdict(list)
+        absent: list[Instance] = []
+        async with self.sessionmaker() as session, session.begin():
+            rows = await self._load(session, batch)
+            synced_statuses = []
+            for inst in rows:
+                if inst.deleted_at is not None:
+                    continue
+                host = inst.host
+                up = self.hosts.is_up(host)
+                if inst.deleted:
+                    if host is None or not up:
+                        # Nova's local delete: the host cannot answer, so do not wait for it; its
+                        # HostState lists the guest when it returns and it is destroyed then.
+                        self._networks_changed(host, await finalize_delete(session, inst))
+                        self.inflight.pop((host or "", inst.id), None)
+                    elif (host in self.synced and inst.id not in self.actual[host]
+                          and (host, inst.id) not in self.inflight):
+                        # Gone from the host and no EnsureInstance still on its way to it.
+                        self._networks_changed(host, await finalize_delete(session, inst))
+                    elif not self._in_flight(inst.id, host, ("absent",)):
+                        absent.append(inst)
+                    continue
+                if host is None or not up or host not in self.synced:
+                    continue
+                status = self.actual[host].get(inst.id)
+                if self._matches(inst, status):
+                    self.inflight.pop((host, inst.id), None)
+                    if inst.task_state is not None or inst.vm_state in ("building", "error"):
+                        synced_statuses.append(status)
+                    continue
+                if not self._in_flight(inst.id, host, self._fingerprint(inst)):
+                    ensure[host].append(inst)
+            if synced_statuses:
+                await self._after_reports(await apply_statuses(session, synced_statuses))
+            if self._peers_of:
+                members = await specs.hosts_of_networks(session, self._peers_of)
+                for net, hosts in members.items():
+                    self.dirty_nets.update((h, net) for h in hosts)
+                self._peers_of = set()
+            commands = await self._build_commands(session, ensure)
+        for inst in absent:
+            await self._send_absent(inst.host or "", inst.id)
+        for host, command in commands:
+            await self.send(host, command)
+
+    async def _load(self, session: AsyncSession, ids: set[str]) -> list[Instance]:
+        rows: list[Instance] = []
+        ordered = sorted(ids)
+        for start in range(0, len(ordered), 500):
+            rows.extend(await session.scalars(
+                select(Instance).where(Instance.id.in_(ordered[start:start + 500]))))
+        return rows
+
+    async def _build_commands(self, session: AsyncSession,
+                              ensure: dict[str, list[Instance]]) -> list[tuple[str, HostCommand]]:
+        """Network commands first (the agent plugs ports into existing bridges), then instances."""
+        instances = [i for items in ensure.values() for i in items]
+        ports = await specs.instance_ports(session, [i.id for i in instances])
+        images = await specs.image_refs(session, self.config, [i.image_id for i in instances if i.image_id])
+        pairs = set(self.dirty_nets)
+        self.dirty_nets = set()
+        for host, items in ensure.items():
+            pairs.update((host, p.network_id) for i in items for p in ports[i.id])
+        pairs = {(h, n) for h, n in pairs if self.hosts.is_up(h)}
+        now = self.clock()
+        commands: list[tuple[str, HostCommand]] = []
+        force = {(h, p.network_id) for h, items in ensure.items() for i in items for p in ports[i.id]}
+        net_specs = await specs.network_specs(session, pairs, self._peer_address)
+        for (host, net), spec in sorted(net_specs.items(), key=lambda kv: kv[0]):
+            cmd: HostCommand = EnsureNetwork(spec=spec) if spec else EnsureNetworkAbsent(network_id=net)
+            if spec is None and net not in self._reported_networks.get(host, set()) \
+                    and (host, net) not in self.net_sent:
+                continue  # never had it
+            digest = hashlib.sha256(encode(cmd)).hexdigest()
+            sent = self.net_sent.get((host, net))
+            if sent and sent[0] == digest and now - sent[1] < self.network_resend \
+                    and (host, net) not in force:
+                continue
+            if spec is None:
+                self.net_sent.pop((host, net), None)
+                self._reported_networks.get(host, set()).discard(net)
+            else:
+                self.net_sent[(host, net)] = (digest, now)
+            commands.append((host, cmd))
+        for host, items in ensure.items():
+            for inst in items:
+                image = images.get(inst.image_id) if inst.image_id else None
+                spec = specs.instance_spec(inst, ports[inst.id], image)
+                self.inflight[(host, inst.id)] = InFlight(self._fingerprint(inst), now)
+                commands.append((host, EnsureInstance(spec=spec)))
+        return commands
+
+    def _peer_address(self, host: str) -> str | None:
+        info = self.hosts.get(host)
+        return info.address if info is not None and info.up and info.address else None
+
+    async def _send_absent(self, host: str, iid: str) -> None:
+        if not host or not self.hosts.is_up(host) or self._in_flight(iid, host, ("absent",)):
+            return
+        self.inflight[(host, iid)] = InFlight(("absent",), self.clock())
+        await self.send(host, EnsureInstanceAbsent(instance_id=iid))

@@ -1,0 +1,113 @@
+"""Scheduling: pick a host with room for a flavor and claim it in the database.
+
+Capacity comes from the host index (heartbeats) times the allocation ratios; usage is the
+sum of the flavors of the instances on each host that are not yet finalized. The claim is a
+conditional UPDATE (``WHERE host IS NULL``) in the same transaction that binds the ports, so
+two controllers can never both place one instance. Weigher: most free RAM (spread), kept in a
+heap so a pick costs O(log hosts) for the common case, not a scan of 20,000 hosts.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cloudland.config import ControllerConfig
+from cloudland.controller.hosts import HostInfo
+from cloudland.db.models import Instance, Port, utcnow
+
+NO_VALID_HOST = "No valid host was found. There are not enough hosts available."
+
+
+@dataclass
+class Free:
+    vcpus: float
+    ram: float
+    disk: float
+
+
+def flavor_needs(flavor: dict[str, Any]) -> tuple[int, int, int]:
+    return (int(flavor.get("vcpus", 0)), int(flavor.get("ram", 0)),
+            int(flavor.get("disk", 0)) + int(flavor.get("ephemeral", 0)))
+
+
+async def load_usage(session: AsyncSession) -> dict[str, tuple[int, int, int]]:
+    """{host: (vcpus, ram MiB, disk GiB)} claimed by instances that still hold their host."""
+    rows = await session.execute(
+        select(Instance.host,
+               func.coalesce(func.sum(Instance.flavor["vcpus"].as_integer()), 0),
+               func.coalesce(func.sum(Instance.flavor["ram"].as_integer()), 0),
+               func.coalesce(func.sum(Instance.flavor["disk"].as_integer()), 0)
+               + func.coalesce(func.sum(Instance.flavor["ephemeral"].as_integer()), 0))
+        .where(Instance.host.is_not(None), Instance.deleted_at.is_(None))
+        .group_by(Instance.host))
+    return {host: (int(c), int(r), int(d)) for host, c, r, d in rows}
+
+
+class Placement:
+    """Free capacity of the up, enabled hosts for one scheduling pass."""
+
+    def __init__(self, hosts: list[HostInfo], usage: dict[str, tuple[int, int, int]],
+                 ratios: ControllerConfig) -> None:
+        self.hosts = {h.id: h for h in hosts if h.up and h.enabled}
+        self.free: dict[str, Free] = {}
+        for h in self.hosts.values():
+            used = usage.get(h.id, (0, 0, 0))
+            self.free[h.id] = Free(vcpus=h.vcpus * ratios.cpu_allocation_ratio - used[0],
+                                   ram=h.memory_mb * ratios.ram_allocation_ratio - used[1],
+                                   disk=h.disk_gb * ratios.disk_allocation_ratio - used[2])
+        self.heap = [(-f.ram, host_id) for host_id, f in self.free.items()]
+        heapq.heapify(self.heap)
+
+    def pick(self, flavor: dict[str, Any], zone: str | None = None) -> str | None:
+        """The host with the most free RAM that fits; its free capacity is reduced."""
+        vcpus, ram, disk = flavor_needs(flavor)
+        skipped = []
+        chosen = None
+        while self.heap:
+            neg_ram, host_id = heapq.heappop(self.heap)
+            free = self.free[host_id]
+            if -neg_ram != free.ram:  # stale entry
+                continue
+            if free.ram < ram:
+                skipped.append((neg_ram, host_id))
+                break  # every other host has less free RAM
+            skipped.append((neg_ram, host_id))
+            if free.vcpus >= vcpus and free.disk >= disk and (
+                    not zone or zone == "nova" or self.hosts[host_id].zone == zone):
+                chosen = host_id
+                break
+        for entry in skipped:
+            if entry[1] != chosen:
+                heapq.heappush(self.heap, entry)
+        if chosen is None:
+            return None
+        free = self.free[chosen]
+        free.vcpus, free.ram, free.disk = free.vcpus - vcpus, free.ram - ram, free.disk - disk
+        heapq.heappush(self.heap, (-free.ram, chosen))
+        return chosen
+
+
+async def claim(session: AsyncSession, instance_id: str, host: HostInfo) -> bool:
+    """Assign the host and bind the ports; False if the instance was placed (or deleted) meanwhile."""
+    result = await session.execute(
+        update(Instance).where(Instance.id == instance_id, Instance.host.is_(None),
+                               Instance.deleted.is_(False))
+        .values(host=host.id, task_state="spawning",
+                availability_zone=func.coalesce(Instance.availability_zone, host.zone)))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    await session.execute(update(Port).where(Port.device_id == instance_id).values(binding_host_id=host.id))
+    return True
+
+
+async def fail_no_host(session: AsyncSession, instance_id: str) -> None:
+    fault = {"code": 500, "message": NO_VALID_HOST, "created": utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")}
+    await session.execute(
+        update(Instance).where(Instance.id == instance_id, Instance.host.is_(None),
+                               Instance.deleted.is_(False))
+        .values(vm_state="error", task_state=None, fault=fault))

@@ -1,0 +1,188 @@
+"""``cloudland controller``: NATS wiring and the loop that drives the reconciler.
+
+Reports (``report.*``) update the in-memory view at once; the database work happens in the
+loop, batched: a pass runs when something changed (a Wake, a report) and at least every
+``controller.reconcile_seconds`` (then with a slice of the rolling sweep).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from cloudland.bus import subjects
+from cloudland.bus.connection import connect
+from cloudland.bus.messages import (
+    GetHostState,
+    Heartbeat,
+    HostCommand,
+    HostState,
+    InstanceStatus,
+    Wake,
+    decode,
+    encode,
+)
+from cloudland.config import Config
+from cloudland.controller.hosts import HostIndex
+from cloudland.controller.reconciler import Reconciler
+from cloudland.db.engine import make_engine, make_sessionmaker
+from cloudland.db.models import Host
+
+log = logging.getLogger(__name__)
+
+STATE_REQUEST_TIMEOUT = 10.0
+# A host's full state is asked for at most this often (a digest mismatch can repeat).
+STATE_REQUEST_INTERVAL = 3.0
+# Reports and wakes are gathered this long before a pass runs.
+DEBOUNCE = 0.05
+
+
+class ControllerService:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.engine: AsyncEngine | None = None
+        self.sessionmaker: async_sessionmaker[AsyncSession] | None = None
+        self.nc: Client | None = None
+        self.hosts = HostIndex(down_after=config.controller.host_down_seconds)
+        self.reconciler: Reconciler | None = None
+        self._subs: list[Subscription] = []
+        self._kick = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._requests: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.passes = 0
+
+    async def start(self) -> None:
+        self.engine = make_engine(self.config.database_url)
+        self.sessionmaker = make_sessionmaker(self.engine)
+        async with self.sessionmaker() as session:
+            self.hosts.load(await session.scalars(select(Host)))
+        self.reconciler = Reconciler(self.config, self.sessionmaker, self.hosts, self._send)
+        self.nc = await connect(self.config.nats.url, "cloudland-controller")
+        self._subs = [
+            await self.nc.subscribe(subjects.REPORT_ALL, cb=self._on_report),
+            await self.nc.subscribe(subjects.CONTROLLER_WAKE, cb=self._on_wake),
+        ]
+        self._loop_task = asyncio.create_task(self._loop(), name="controller-loop")
+        log.info("controller started (%d known hosts)", len(self.hosts.hosts))
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._loop_task, *self._tasks) if t]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop_task = None
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs = []
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), 5)
+            self.nc = None
+        if self.engine is not None:
+            await self.engine.dispose()
+            self.engine = None
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    def kick(self) -> None:
+        """Run a pass soon."""
+        self._kick.set()
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        assert self.reconciler is not None
+        period = self.config.controller.reconcile_seconds
+        next_sweep = time.monotonic()
+        while True:
+            timeout = max(0.0, next_sweep - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout)
+            await asyncio.sleep(DEBOUNCE)
+            self._kick.clear()
+            sweep = time.monotonic() >= next_sweep
+            if sweep:
+                next_sweep = time.monotonic() + period
+            try:
+                await self.reconciler.run_pass(sweep=sweep)
+            except Exception:
+                log.exception("reconcile pass failed")
+                await asyncio.sleep(1.0)
+            self.passes += 1
+            if self.reconciler.has_work:
+                self._kick.set()
+
+    # --- NATS ------------------------------------------------------------------------------
+
+    async def _send(self, host_id: str, command: HostCommand) -> None:
+        if self.nc is None or not self.nc.is_connected:
+            return  # the next pass sends it again
+        try:
+            await self.nc.publish(subjects.host_cmd(host_id), encode(command))
+        except Exception as e:
+            log.warning("cannot send %s to %s: %s", type(command).__name__, host_id, e)
+
+    async def _on_report(self, msg: Msg) -> None:
+        assert self.reconciler is not None
+        try:
+            report = decode(msg.data)
+        except msgspec.DecodeError as e:
+            log.warning("undecodable report on %s: %s", msg.subject, e)
+            return
+        if isinstance(report, Heartbeat):
+            if self.reconciler.on_heartbeat(report):
+                self._request_state(report.host_id)
+        elif isinstance(report, InstanceStatus):
+            self.reconciler.on_status(report)
+            self.kick()
+        elif isinstance(report, HostState):
+            self.reconciler.on_host_state(report)
+            self.kick()
+
+    async def _on_wake(self, msg: Msg) -> None:
+        assert self.reconciler is not None
+        try:
+            wake = decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if isinstance(wake, Wake):
+            self.reconciler.wake(wake.instance_ids)
+            self.kick()
+
+    def _request_state(self, host_id: str) -> None:
+        now = time.monotonic()
+        if now - self._requests.get(host_id, -STATE_REQUEST_INTERVAL) < STATE_REQUEST_INTERVAL:
+            return
+        self._requests[host_id] = now
+        task = asyncio.create_task(self._fetch_state(host_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch_state(self, host_id: str) -> None:
+        assert self.nc is not None and self.reconciler is not None
+        try:
+            reply = await self.nc.request(subjects.host_rpc(host_id), encode(GetHostState()),
+                                          timeout=STATE_REQUEST_TIMEOUT)
+            state = decode(reply.data)
+        except Exception as e:
+            log.info("no state from host %s: %s", host_id, e)
+            return
+        if isinstance(state, HostState) and state.host_id == host_id:
+            self.reconciler.on_host_state(state)
+            self.kick()

@@ -1,0 +1,335 @@
+"""AgentService over a real nats-server, with the simulated drivers standing in for the host."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client
+
+from cloudland.agent.drivers.compute.simulated import SimulatedComputeDriver
+from cloudland.agent.drivers.network.simulated import SimulatedNetworkDriver
+from cloudland.agent.service import AgentService
+from cloudland.bus import subjects
+from cloudland.bus.messages import (
+    ConsoleOutput,
+    EnsureInstance,
+    EnsureInstanceAbsent,
+    EnsureNetwork,
+    EnsureNetworkAbsent,
+    GetConsoleOutput,
+    GetHostState,
+    Heartbeat,
+    HostState,
+    ImageRef,
+    InstanceSpec,
+    InstanceStatus,
+    Message,
+    NetworkSpec,
+    PortSpec,
+    decode,
+    encode,
+)
+from cloudland.config import Config
+
+IMAGE = b"QFI\xfb" + b"cloudland test image" * 1000
+HOST = "test-host"
+
+
+@pytest.fixture
+def image_url() -> Iterator[str]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/image":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(IMAGE)))
+            self.end_headers()
+            self.wfile.write(IMAGE)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/image"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def image_ref(url: str, image_id: str = "img-1", hash_value: str | None = None) -> ImageRef:
+    return ImageRef(id=image_id, url=url, hash_algo="sha512",
+                    hash_value=hash_value or hashlib.sha512(IMAGE).hexdigest(), size=len(IMAGE))
+
+
+def make_spec(iid: str, image: ImageRef | None, **kw: object) -> InstanceSpec:
+    ports = [PortSpec(port_id=f"port-{iid}", network_id="net-1", mac_address="fa:16:3e:00:00:01")]
+    fields: dict[str, object] = {"id": iid, "name": f"vm-{iid}", "project_id": "p", "vcpus": 1,
+                                 "memory_mb": 256, "disk_gb": 1, "image": image, "ports": ports}
+    fields.update(kw)
+    return InstanceSpec(**fields)  # type: ignore[arg-type]
+
+
+class Harness:
+    """Drives one agent: sends commands, collects its reports."""
+
+    def __init__(self, config: Config, nc: Client) -> None:
+        self.config = config
+        self.nc = nc
+        self.compute = SimulatedComputeDriver(vcpus=8, memory_mb=16384, disk_gb=100)
+        self.network = SimulatedNetworkDriver()
+        self.reports: list[Message] = []
+        self._changed = asyncio.Event()
+        self.agent: AgentService | None = None
+
+    async def on_report(self, msg: object) -> None:
+        self.reports.append(decode(msg.data))  # type: ignore[attr-defined]
+        self._changed.set()
+
+    async def start_agent(self) -> AgentService:
+        self.agent = AgentService(self.config, self.compute, self.network)
+        await self.agent.start()
+        return self.agent
+
+    async def send(self, cmd: Message) -> None:
+        await self.nc.publish(subjects.host_cmd(HOST), encode(cmd))
+
+    async def request(self, req: Message) -> Message:
+        reply = await self.nc.request(subjects.host_rpc(HOST), encode(req), timeout=5)
+        return decode(reply.data)
+
+    def statuses(self, iid: str) -> list[InstanceStatus]:
+        return [r for r in self.reports if isinstance(r, InstanceStatus) and r.instance_id == iid]
+
+    async def wait_for(self, pred: Callable[[], object], timeout: float = 5.0) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                while not pred():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            agent = self.agent
+            pytest.fail(f"timed out; last reports: {self.reports[-5:]}; instances: {self.compute.instances}")
+
+    async def wait_state(self, iid: str, state: str, after: int = 0) -> InstanceStatus:
+        def found() -> InstanceStatus | None:
+            return next((s for s in self.statuses(iid)[after:] if s.state == state), None)
+        await self.wait_for(found)
+        result = found()
+        assert result is not None
+        return result
+
+
+@pytest.fixture
+async def harness(config: Config, nats_url: str) -> AsyncIterator[Harness]:
+    config.nats.url = nats_url
+    config.agent.heartbeat_seconds = 0.1
+    config.agent.underlay_address = "192.0.2.10"
+    nc = await nats.connect(nats_url)
+    h = Harness(config, nc)
+    await nc.subscribe(subjects.report(config.agent.zone), cb=h.on_report)
+    await nc.flush()
+    await h.start_agent()
+    try:
+        yield h
+    finally:
+        if h.agent:
+            await h.agent.stop()
+        await nc.close()
+
+
+async def test_start_reports_host_state_then_heartbeats(harness: Harness) -> None:
+    await harness.wait_for(lambda: any(isinstance(r, Heartbeat) for r in harness.reports))
+    assert isinstance(harness.reports[0], HostState)
+    hb = next(r for r in harness.reports if isinstance(r, Heartbeat))
+    assert (hb.host_id, hb.zone, hb.address, hb.driver) == (HOST, "nova", "192.0.2.10", "simulated")
+    assert (hb.resources.vcpus, hb.resources.memory_mb, hb.resources.disk_gb) == (8, 16384, 100)
+    assert hb.instance_count == 0 and len(hb.boot_id) == 16
+
+
+async def test_configured_resources_override_measured(config: Config) -> None:
+    config.agent.vcpus = 2
+    agent = AgentService(config, SimulatedComputeDriver(vcpus=8, memory_mb=1024), SimulatedNetworkDriver())
+    r = agent.resources()
+    assert (r.vcpus, r.memory_mb, r.disk_gb) == (2, 1024, 4096)
+
+
+async def test_ensure_instance_builds_and_repeat_is_harmless(harness: Harness, image_url: str) -> None:
+    spec = make_spec("i-1", image_ref(image_url))
+    await harness.send(EnsureInstance(spec=spec))
+    running = await harness.wait_state("i-1", "running")
+    assert [s.state for s in harness.statuses("i-1")] == ["building", "running"]
+    assert running.host_id == HOST and running.reboot_generation == 0
+    inst = harness.compute.instances["i-1"]
+    assert inst.base_image is not None and inst.base_image.read_bytes() == IMAGE
+    assert harness.network.taps == {spec.ports[0].tap_name}
+
+    await harness.send(EnsureInstance(spec=spec))
+    await harness.wait_for(lambda: len(harness.statuses("i-1")) == 3)
+    assert harness.statuses("i-1")[-1].state == "running"
+    assert inst.boots == 1 and inst.reboots == 0
+
+
+async def test_power_stopped_then_running(harness: Harness) -> None:
+    spec = make_spec("i-2", None)
+    await harness.send(EnsureInstance(spec=spec))
+    await harness.wait_state("i-2", "running")
+    await harness.send(EnsureInstance(spec=make_spec("i-2", None, power="stopped")))
+    await harness.wait_state("i-2", "stopped")
+    assert harness.compute.instances["i-2"].state == "stopped"
+    n = len(harness.statuses("i-2"))
+    await harness.send(EnsureInstance(spec=spec))
+    await harness.wait_state("i-2", "running", after=n)
+
+
+async def test_reboot_once_also_across_restart(harness: Harness) -> None:
+    await harness.send(EnsureInstance(spec=make_spec("i-3", None)))
+    await harness.wait_state("i-3", "running")
+    inst = harness.compute.instances["i-3"]
+    rebooted = make_spec("i-3", None, reboot_generation=1, reboot_hard=True)
+    for _ in range(3):
+        await harness.send(EnsureInstance(spec=rebooted))
+    await harness.wait_for(lambda: any(s.reboot_generation == 1 for s in harness.statuses("i-3")))
+    await harness.request(GetHostState())  # the agent has seen all three by now
+    await harness.wait_for(lambda: not harness.agent or not harness.agent._workers)
+    assert inst.reboots == 1 and inst.boots == 1
+
+    # A new agent process (same host, same state dir; the guest survived).
+    assert harness.agent is not None
+    await harness.agent.stop()
+    assert harness.compute.closed
+    await harness.start_agent()
+    n = len(harness.statuses("i-3"))
+    await harness.send(EnsureInstance(spec=rebooted))
+    status = await harness.wait_state("i-3", "running", after=n)
+    assert status.reboot_generation == 1 and inst.reboots == 1
+    await harness.send(EnsureInstance(spec=make_spec("i-3", None, reboot_generation=2)))
+    await harness.wait_for(lambda: harness.statuses("i-3")[-1].reboot_generation == 2)
+    assert inst.reboots == 2
+
+
+async def test_absent_destroys_and_unplugs(harness: Harness) -> None:
+    spec = make_spec("i-4", None)
+    await harness.send(EnsureInstance(spec=spec))
+    await harness.wait_state("i-4", "running")
+    await harness.send(EnsureInstanceAbsent(instance_id="i-4"))
+    absent = await harness.wait_state("i-4", "absent")
+    assert absent.host_id == HOST
+    assert "i-4" not in harness.compute.instances
+    assert harness.network.ports == {}
+    # Absent for something that never existed is still answered.
+    await harness.send(EnsureInstanceAbsent(instance_id="never"))
+    await harness.wait_state("never", "absent")
+
+
+async def test_console_output_and_host_state(harness: Harness) -> None:
+    await harness.send(EnsureInstance(spec=make_spec("i-5", None)))
+    await harness.send(EnsureNetwork(spec=NetworkSpec(id="net-1", segmentation_id=100)))
+    await harness.wait_state("i-5", "running")
+
+    out = await harness.request(GetConsoleOutput(instance_id="i-5"))
+    assert isinstance(out, ConsoleOutput) and out.found and "cloudland-guest: booted" in out.output
+    last = await harness.request(GetConsoleOutput(instance_id="i-5", length=1))
+    assert isinstance(last, ConsoleOutput) and last.output == "cloudland-guest: booted\n"
+    missing = await harness.request(GetConsoleOutput(instance_id="nope"))
+    assert isinstance(missing, ConsoleOutput) and not missing.found
+
+    await harness.wait_for(lambda: "net-1" in harness.network.networks)
+    state = await harness.request(GetHostState())
+    assert isinstance(state, HostState) and state.host_id == HOST and state.networks == ["net-1"]
+    assert [(s.instance_id, s.state) for s in state.instances] == [("i-5", "running")]
+
+    await harness.send(EnsureNetworkAbsent(network_id="net-1"))
+    await harness.wait_for(lambda: "net-1" not in harness.network.networks)
+
+
+async def test_heartbeat_digest_follows_state(harness: Harness) -> None:
+    def last_heartbeat() -> Heartbeat:
+        return [r for r in harness.reports if isinstance(r, Heartbeat)][-1]
+
+    async def next_heartbeat() -> Heartbeat:
+        n = len(harness.reports)
+        await harness.wait_for(lambda: any(isinstance(r, Heartbeat) for r in harness.reports[n:]))
+        return last_heartbeat()
+
+    empty = await next_heartbeat()
+    await harness.send(EnsureInstance(spec=make_spec("i-6", None)))
+    await harness.wait_state("i-6", "running")
+    running = await next_heartbeat()
+    assert running.state_digest != empty.state_digest and running.instance_count == 1
+    await harness.send(EnsureInstance(spec=make_spec("i-6", None, power="stopped")))
+    await harness.wait_state("i-6", "stopped")
+    stopped = await next_heartbeat()
+    assert stopped.state_digest not in (empty.state_digest, running.state_digest)
+    assert (await next_heartbeat()).state_digest == stopped.state_digest
+
+
+async def test_bad_image_reports_error_and_agent_keeps_working(harness: Harness, image_url: str) -> None:
+    bad = make_spec("i-7", image_ref(image_url, image_id="img-bad", hash_value="ab" * 64))
+    await harness.send(EnsureInstance(spec=bad))
+    error = await harness.wait_state("i-7", "error")
+    assert error.error is not None and "checksum mismatch" in error.error
+    assert "i-7" not in harness.compute.instances
+
+    state = await harness.request(GetHostState())
+    assert isinstance(state, HostState)
+    assert [(s.instance_id, s.state) for s in state.instances] == [("i-7", "error")]
+
+    await harness.send(EnsureInstance(spec=make_spec("i-8", image_ref(image_url))))
+    await harness.wait_state("i-8", "running")
+    # Retrying the failed instance with a good image recovers it.
+    await harness.send(EnsureInstance(spec=make_spec("i-7", image_ref(image_url))))
+    await harness.wait_state("i-7", "running")
+
+
+async def test_guest_that_stops_by_itself_is_reported(harness: Harness) -> None:
+    await harness.send(EnsureInstance(spec=make_spec("i-9", None)))
+    await harness.wait_state("i-9", "running")
+    n = len(harness.statuses("i-9"))
+    harness.compute.guest_power_off("i-9")
+    stopped = await harness.wait_state("i-9", "stopped", after=n)
+    assert stopped.host_id == HOST
+    await asyncio.sleep(0.3)
+    assert len(harness.statuses("i-9")) == n + 1  # reported once, not on every tick
+
+
+async def test_commands_for_one_instance_run_in_order(harness: Harness) -> None:
+    harness.compute.delay = 0.05
+    for power in ("running", "stopped", "running", "stopped"):
+        await harness.send(EnsureInstance(spec=make_spec("i-10", None, power=power)))
+    await harness.wait_for(lambda: "i-10" in harness.compute.instances
+                           and harness.compute.instances["i-10"].state == "stopped"
+                           and harness.statuses("i-10")[-1].state == "stopped")
+    await asyncio.sleep(0.3)
+    assert harness.compute.instances["i-10"].state == "stopped"
+    assert harness.statuses("i-10")[-1].state == "stopped"
+
+
+async def test_undecodable_command_is_ignored(harness: Harness) -> None:
+    await harness.nc.publish(subjects.host_cmd(HOST), b"not json")
+    await harness.nc.publish(subjects.host_cmd(HOST), msgspec.json.encode({"kind": "bogus"}))
+    await harness.send(EnsureInstance(spec=make_spec("i-11", None)))
+    await harness.wait_state("i-11", "running")
+
+
+async def test_restart_reports_surviving_guests(harness: Harness) -> None:
+    await harness.send(EnsureInstance(spec=make_spec("i-12", None)))
+    await harness.wait_state("i-12", "running")
+    assert harness.agent is not None
+    old_boot = harness.agent.boot_id
+    await harness.agent.stop()
+    n = len(harness.reports)
+    agent = await harness.start_agent()
+    assert agent.boot_id != old_boot
+    await harness.wait_for(lambda: any(isinstance(r, HostState) for r in harness.reports[n:]))
+    state = next(r for r in harness.reports[n:] if isinstance(r, HostState))
+    assert [(s.instance_id, s.state) for s in state.instances] == [("i-12", "running")]

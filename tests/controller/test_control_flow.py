@@ -1,0 +1,161 @@
+"""API → controller → agent over a real nats-server, with the simulated drivers."""
+
+from __future__ import annotations
+
+from controller_helpers import HOST, Cloud, wait_for  # type: ignore[import-not-found]
+from sqlalchemy import select
+
+from cloudland.db.models import Instance, IpAllocation, Port
+
+
+async def ports_of(cloud: Cloud, server_id: str) -> list[Port]:
+    async with cloud.app.state.sessionmaker() as s:
+        return list(await s.scalars(select(Port).where(Port.device_id == server_id)))
+
+
+async def test_lifecycle(cloud: Cloud) -> None:
+    sid = await cloud.create()
+    server = await cloud.wait_status(sid, "ACTIVE")
+    assert server["OS-EXT-STS:power_state"] == 1 and server["OS-SRV-USG:launched_at"]
+    assert server["hostId"] and server["addresses"]["private"][0]["addr"].startswith("10.0.0.")
+    guest = cloud.compute.instances[sid]
+    assert guest.boots == 1 and guest.spec.memory_mb == 512
+    assert cloud.images.refs[0].id == cloud.image_id and "/internal/images/" in cloud.images.refs[0].url
+    (port,) = await ports_of(cloud, sid)
+    assert port.binding_host_id == HOST
+    net = cloud.network.networks[cloud.network_id]
+    assert [p.port_id for p in net.ports] == [port.id]
+    assert net.dhcp_port is not None and net.segmentation_id == 1000 and net.subnets[0].cidr == "10.0.0.0/24"
+    await assert_quiet(cloud)
+
+    assert (await cloud.action(sid, {"os-stop": None})).status_code == 202
+    server = await cloud.wait_status(sid, "SHUTOFF")
+    assert server["OS-EXT-STS:power_state"] == 4 and cloud.compute.instances[sid].state == "stopped"
+    assert (await cloud.action(sid, {"os-start": None})).status_code == 202
+    await cloud.wait_status(sid, "ACTIVE")
+    assert cloud.compute.instances[sid].boots == 2
+
+    assert (await cloud.action(sid, {"reboot": {"type": "SOFT"}})).status_code == 202
+    await cloud.wait_status(sid, "ACTIVE")
+    assert cloud.compute.instances[sid].reboots == 1
+
+    r = await cloud.action(sid, {"os-getConsoleOutput": {"length": 2}})
+    assert r.status_code == 200
+    assert r.json()["output"].endswith("cloudland-guest: booted\n")
+    assert len(r.json()["output"].splitlines()) == 2
+
+    r = await cloud.client.delete(f"/compute/v2.1/servers/{sid}", headers=cloud.headers)
+    assert r.status_code == 204
+    assert (await cloud.show(sid)).status_code == 404
+
+    async def finalized() -> bool:
+        async with cloud.app.state.sessionmaker() as s:
+            inst = await s.get(Instance, sid)
+            return inst is not None and inst.vm_state == "deleted" and inst.deleted_at is not None
+
+    await wait_for(finalized)
+    assert sid not in cloud.compute.instances
+    assert await ports_of(cloud, sid) == []
+    async with cloud.app.state.sessionmaker() as s:
+        assert list(await s.scalars(select(IpAllocation).where(IpAllocation.port_id == port.id))) == []
+    await wait_for(lambda: _true(cloud.network_id not in cloud.network.networks))
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def assert_quiet(cloud: Cloud) -> None:
+    """Converged: a few passes send nothing, and the controller's view matches the heartbeat's."""
+    reconciler = cloud.controller.reconciler
+    assert reconciler is not None and cloud.agent is not None
+    sent: list[object] = []
+    original = reconciler.send
+
+    async def record(host: str, command: object) -> None:
+        sent.append(command)
+        await original(host, command)  # type: ignore[arg-type]
+
+    reconciler.send = record  # type: ignore[method-assign]
+    passes = cloud.controller.passes
+    await wait_for(lambda: _true(cloud.controller.passes >= passes + 3))
+    reconciler.send = original  # type: ignore[method-assign]
+    assert sent == []
+    assert reconciler.believed_digest(HOST) == cloud.agent.heartbeat().state_digest
+
+
+async def test_delete_while_agent_stopped(cloud: Cloud) -> None:
+    sid = await cloud.create()
+    await cloud.wait_status(sid, "ACTIVE")
+    assert cloud.agent is not None
+    await cloud.agent.stop()
+    r = await cloud.client.delete(f"/compute/v2.1/servers/{sid}", headers=cloud.headers)
+    assert r.status_code == 204
+    assert (await cloud.show(sid)).status_code == 404
+
+    async def finalized() -> bool:
+        async with cloud.app.state.sessionmaker() as s:
+            inst = await s.get(Instance, sid)
+            return inst is not None and inst.deleted_at is not None
+
+    await wait_for(finalized)  # local delete once the host is down
+    assert await ports_of(cloud, sid) == []
+    assert sid in cloud.compute.instances  # the guest outlived its agent
+    agent = cloud.new_agent()
+    await agent.start()
+    await wait_for(lambda: _true(sid not in cloud.compute.instances), describe=lambda: "guest not destroyed")
+
+
+async def test_no_valid_host(cloud: Cloud) -> None:
+    ok = await cloud.create(name="fits")
+    sid = await cloud.create(name="toobig", flavorRef="big")
+    server = await cloud.wait_status(sid, "ERROR")
+    assert server["fault"]["message"] == "No valid host was found. There are not enough hosts available."
+    assert server["fault"]["code"] == 500
+    await cloud.wait_status(ok, "ACTIVE")
+    assert sid not in cloud.compute.instances
+    r = await cloud.client.delete(f"/compute/v2.1/servers/{sid}", headers=cloud.headers)
+    assert r.status_code == 204
+    await wait_for(lambda: _ports_gone(cloud, sid))
+
+
+async def _ports_gone(cloud: Cloud, sid: str) -> bool:
+    return await ports_of(cloud, sid) == []
+
+
+async def test_agent_restart_keeps_instances(cloud: Cloud) -> None:
+    sids = [await cloud.create(name=f"vm{i}") for i in range(3)]
+    for sid in sids:
+        await cloud.wait_status(sid, "ACTIVE")
+    assert cloud.agent is not None
+    await cloud.agent.stop()
+    agent = cloud.new_agent()
+    await agent.start()
+    passes = cloud.controller.passes
+    await wait_for(lambda: _true(cloud.controller.passes >= passes + 4))
+    for sid in sids:
+        await cloud.wait_status(sid, "ACTIVE", timeout=2)
+        assert cloud.compute.instances[sid].boots == 1 and cloud.compute.instances[sid].reboots == 0
+    cloud.agent = agent
+    await assert_quiet(cloud)
+
+
+async def test_controller_restart_is_quiet(cloud: Cloud) -> None:
+    from cloudland.controller.service import ControllerService
+
+    sid = await cloud.create()
+    await cloud.wait_status(sid, "ACTIVE")
+    await cloud.controller.stop()
+    cloud.controller = ControllerService(cloud.config)
+    await cloud.controller.start()
+    # The new controller learns the host's state and re-sends network specs once (peers may
+    # have changed while nobody watched); after that it is quiet.
+    reconciler = cloud.controller.reconciler
+    assert reconciler is not None
+    await wait_for(lambda: _true(HOST in reconciler.synced and not reconciler.has_work))
+    passes = cloud.controller.passes
+    await wait_for(lambda: _true(cloud.controller.passes >= passes + 2))
+    await assert_quiet(cloud)
+    assert cloud.compute.instances[sid].boots == 1
+    assert (await cloud.action(sid, {"os-stop": None})).status_code == 202
+    await cloud.wait_status(sid, "SHUTOFF")

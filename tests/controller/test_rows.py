@@ -1,0 +1,110 @@
+"""Claims and status reports against the real (migrated) database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cloudland.bus.messages import InstanceStatus
+from cloudland.controller.hosts import HostInfo
+from cloudland.controller.instance_status import apply_statuses
+from cloudland.controller.scheduler import claim
+from cloudland.db.models import Instance
+
+
+async def make_instance(app: Any, **values: Any) -> str:
+    async with app.state.sessionmaker() as s, s.begin():
+        inst = Instance(name="vm", project_id="p", user_id="u", flavor_id="1",
+                        flavor={"vcpus": 1, "ram": 512, "disk": 1}, **values)
+        s.add(inst)
+        await s.flush()
+        return inst.id
+
+
+async def test_claim_is_conditional(app: Any) -> None:
+    iid = await make_instance(app)
+    async with app.state.sessionmaker() as s1, app.state.sessionmaker() as s2:
+        async with s1.begin():
+            assert await claim(s1, iid, HostInfo(id="h1"))
+        async with s2.begin():
+            assert not await claim(s2, iid, HostInfo(id="h2"))
+    async with app.state.sessionmaker() as s:
+        inst = await s.get(Instance, iid)
+        assert inst is not None and inst.host == "h1" and inst.availability_zone == "nova"
+
+
+def status(iid: str, state: str, generation: int = 0, host: str = "h1") -> InstanceStatus:
+    return InstanceStatus(host_id=host, instance_id=iid, state=state, reboot_generation=generation)  # type: ignore[arg-type]
+
+
+async def test_reports_only_end_a_task_when_desired_state_is_reached(app: Any) -> None:
+    iid = await make_instance(app, host="h1", vm_state="active", task_state="powering-off",
+                              desired_power="stopped", power_state=1)
+    async with app.state.sessionmaker() as s, s.begin():
+        await apply_statuses(s, [status(iid, "running")])  # stale: the stop has not happened yet
+    async with app.state.sessionmaker() as s, s.begin():
+        inst = await s.get(Instance, iid)
+        assert inst is not None and inst.task_state == "powering-off"
+        outcome = await apply_statuses(s, [status(iid, "stopped")])
+        assert inst.vm_state == "stopped" and inst.task_state is None and inst.power_state == 4
+        assert outcome.strays == [] and outcome.missing == []
+        inst.task_state, inst.reboot_generation, inst.desired_power = "rebooting_hard", 1, "running"
+        await apply_statuses(s, [status(iid, "running", generation=0)])
+        assert inst.task_state == "rebooting_hard" and inst.vm_state == "active"
+        await apply_statuses(s, [status(iid, "running", generation=1)])
+        assert inst.task_state is None and inst.launched_at is not None
+
+
+async def test_reports_from_the_wrong_host_and_errors(app: Any) -> None:
+    iid = await make_instance(app, host="h1", task_state="spawning")
+    async with app.state.sessionmaker() as s, s.begin():
+        outcome = await apply_statuses(s, [status(iid, "running", host="h2"), status("gone", "stopped")])
+        assert sorted(outcome.strays) == sorted([("h2", iid), ("h1", "gone")])
+        outcome = await apply_statuses(s, [status(iid, "absent")])
+        assert outcome.missing == [iid]
+        bad = InstanceStatus(host_id="h1", instance_id=iid, state="error", error="disk full")
+        await apply_statuses(s, [bad])
+        inst = await s.get(Instance, iid)
+        assert inst is not None and inst.vm_state == "error" and inst.fault is not None
+        assert inst.fault["message"] == "disk full" and inst.fault["code"] == 500
+
+
+async def test_guest_that_shut_itself_down_stays_down(app: Any) -> None:
+    iid = await make_instance(app, host="h1", vm_state="active", power_state=1)
+    async with app.state.sessionmaker() as s, s.begin():
+        inst = await s.get(Instance, iid)
+        assert inst is not None
+        inst.task_state = None  # (None at insert means "the column default")
+        await s.flush()
+        await apply_statuses(s, [status(iid, "stopped")])
+        assert inst is not None and inst.desired_power == "stopped" and inst.vm_state == "stopped"
+
+
+async def test_finalize_keeps_user_ports(app: Any) -> None:
+    from cloudland.controller.instance_status import finalize_delete
+    from cloudland.db.models import Network, Port
+
+    async with app.state.sessionmaker() as s, s.begin():
+        net = Network(name="n", project_id="p", segmentation_id=7)
+        s.add(net)
+        await s.flush()
+        mine = Port(network_id=net.id, project_id="p", mac_address="fa:16:3e:00:00:01")
+        made = Port(network_id=net.id, project_id="p", mac_address="fa:16:3e:00:00:02")
+        s.add_all([mine, made])
+        await s.flush()
+        ids = (mine.id, made.id, net.id)
+    iid = await make_instance(app, host="h1", preserved_port_ids=[ids[0]])
+    async with app.state.sessionmaker() as s, s.begin():
+        for port_id in ids[:2]:
+            port = await s.get(Port, port_id)
+            assert port is not None
+            port.device_id, port.device_owner, port.binding_host_id = iid, "compute:nova", "h1"
+    async with app.state.sessionmaker() as s, s.begin():
+        inst = await s.get(Instance, iid)
+        assert inst is not None
+        assert await finalize_delete(s, inst) == {ids[2]}
+    async with app.state.sessionmaker() as s:
+        kept = await s.get(Port, ids[0])
+        assert kept is not None and kept.device_id == "" and kept.binding_host_id == ""
+        assert await s.get(Port, ids[1]) is None
+        inst = await s.get(Instance, iid)
+        assert inst is not None and inst.deleted and inst.vm_state == "deleted" and inst.terminated_at
