@@ -37,7 +37,7 @@ def build_drivers(config: Config, host_id: str) -> tuple[ComputeDriver, NetworkD
 
 def host_tag(host_id: str) -> str:
     """A short tag, stable per host, that fits in Linux interface names."""
-    return hashlib.sha256(host_id.encode()).hexdigest()[:4]
+    return hashlib.sha256(host_id.encode()).hexdigest()[:8]
 
 
 def underlay_address(config: Config) -> str:

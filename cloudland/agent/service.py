@@ -192,6 +192,11 @@ class AgentService:
             return
         self.submit(key, cmd)
 
+    @property
+    def idle(self) -> bool:
+        """No command is running or waiting."""
+        return not self._workers and not self._pending
+
     def submit(self, key: str, cmd: HostCommand) -> None:
         """Queue ``cmd`` behind the running command for ``key``; never blocks."""
         self._pending[key] = cmd

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import msgspec
 import nats
@@ -15,7 +17,9 @@ from nats.aio.client import Client
 
 from cloudland.agent.drivers.compute.simulated import SimulatedComputeDriver
 from cloudland.agent.drivers.network.simulated import SimulatedNetworkDriver
+from cloudland.agent.factory import build_drivers, host_tag, underlay_address
 from cloudland.agent.service import AgentService
+from cloudland.allinone.nats import NatsServer
 from cloudland.bus import subjects
 from cloudland.bus.messages import (
     ConsoleOutput,
@@ -117,7 +121,6 @@ class Harness:
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
-            agent = self.agent
             pytest.fail(f"timed out; last reports: {self.reports[-5:]}; instances: {self.compute.instances}")
 
     async def wait_state(self, iid: str, state: str, after: int = 0) -> InstanceStatus:
@@ -200,7 +203,7 @@ async def test_reboot_once_also_across_restart(harness: Harness) -> None:
         await harness.send(EnsureInstance(spec=rebooted))
     await harness.wait_for(lambda: any(s.reboot_generation == 1 for s in harness.statuses("i-3")))
     await harness.request(GetHostState())  # the agent has seen all three by now
-    await harness.wait_for(lambda: not harness.agent or not harness.agent._workers)
+    await harness.wait_for(lambda: harness.agent is not None and harness.agent.idle)
     assert inst.reboots == 1 and inst.boots == 1
 
     # A new agent process (same host, same state dir; the guest survived).
@@ -333,3 +336,63 @@ async def test_restart_reports_surviving_guests(harness: Harness) -> None:
     await harness.wait_for(lambda: any(isinstance(r, HostState) for r in harness.reports[n:]))
     state = next(r for r in harness.reports[n:] if isinstance(r, HostState))
     assert [(s.instance_id, s.state) for s in state.instances] == [("i-12", "running")]
+
+
+async def test_reconnect_reports_full_state(config: Config, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = NatsServer(port=port, work_dir=tmp_path / "nats-restart")
+    await server.start()
+    config.nats.url = server.url
+    config.agent.heartbeat_seconds = 0.1
+    agent = AgentService(config, SimulatedComputeDriver(), SimulatedNetworkDriver())
+    host_state_sent = asyncio.Event()
+    publish = agent._publish
+
+    async def recording_publish(msg: Message) -> None:
+        if isinstance(msg, HostState):
+            host_state_sent.set()
+        await publish(msg)
+
+    agent._publish = recording_publish  # type: ignore[method-assign]
+    await agent.start()
+    nc: Client | None = None
+    try:
+        await server.stop()
+        host_state_sent.clear()
+        await server.start()
+        # Which of the agent and a test subscriber reconnects first is a race, so the
+        # report is observed where it is published.
+        await asyncio.wait_for(host_state_sent.wait(), 10)
+        assert agent.nc is not None and agent.nc.stats["reconnects"] == 1
+        nc = await nats.connect(server.url)
+        request = encode(GetConsoleOutput(instance_id="x"))
+        reply = await nc.request(subjects.host_rpc(HOST), request, timeout=5)
+        assert decode(reply.data) == ConsoleOutput(output="", found=False)
+    finally:
+        await agent.stop()
+        if nc is not None:
+            await nc.close()
+        await server.stop()
+
+
+def test_factory_builds_configured_drivers(config: Config) -> None:
+    config.agent.compute_driver = "simulated"
+    config.agent.vcpus = 3
+    compute, network = build_drivers(config, HOST)
+    assert isinstance(compute, SimulatedComputeDriver) and isinstance(network, SimulatedNetworkDriver)
+    assert compute.resources().vcpus == 3
+
+    config.agent.compute_driver = "qemu"
+    config.agent.accel = "tcg"
+    config.agent.underlay_address = "192.0.2.7"
+    compute, network = build_drivers(config, HOST)
+    assert (compute.name, network.name) == ("qemu", "linux")
+    assert network.underlay_address == "192.0.2.7"  # type: ignore[attr-defined]
+    assert host_tag(HOST) == host_tag(HOST) != host_tag("other-host")
+
+
+def test_underlay_address_defaults_to_a_local_address(config: Config) -> None:
+    address = underlay_address(config)
+    assert address == "127.0.0.1" or not address.startswith("0.")
