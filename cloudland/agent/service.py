@@ -304,6 +304,7 @@ class AgentService:
     async def _host_state(self) -> HostState:
         return HostState(
             host_id=self.host_id,
+            boot_id=self.boot_id,
             instances=list(self._status.values()),
             networks=await self.network.list_networks(),
         )

@@ -175,6 +175,7 @@ class Heartbeat(Message, tag="heartbeat"):
 
 class HostState(Message, tag="host_state"):
     host_id: str
+    boot_id: str = ""  # the agent's incarnation (as in Heartbeat)
     instances: list[InstanceStatus] = []
     networks: list[str] = []
 

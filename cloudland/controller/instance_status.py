@@ -28,6 +28,11 @@ class Outcome:
     # (host, instance) pairs of guests that must not exist on that host.
     strays: list[tuple[str, str]] = field(default_factory=list)
 
+    def merge(self, other: Outcome) -> None:
+        self.finalized += other.finalized
+        self.missing += other.missing
+        self.strays += other.strays
+
 
 async def finalize_delete(session: AsyncSession, inst: Instance) -> set[str]:
     """The guest is gone (or its host is down): release the ports and mark the row deleted.
@@ -48,7 +53,7 @@ async def finalize_delete(session: AsyncSession, inst: Instance) -> set[str]:
     return networks
 
 
-def _apply(inst: Instance, status: InstanceStatus) -> None:
+def _apply(inst: Instance, status: InstanceStatus, adopt_guest_shutdown: bool) -> None:
     state = status.state
     if state == "running":
         inst.vm_state, inst.power_state, inst.fault = "active", POWER_RUNNING, None
@@ -57,7 +62,8 @@ def _apply(inst: Instance, status: InstanceStatus) -> None:
         if inst.desired_power == "running" and status.reboot_generation >= inst.reboot_generation:
             inst.task_state = None
     elif state == "stopped":
-        if inst.vm_state == "active" and inst.task_state is None and inst.desired_power == "running":
+        if (adopt_guest_shutdown and inst.vm_state == "active" and inst.task_state is None
+                and inst.desired_power == "running"):
             # The guest shut itself down: like Nova, that becomes the desired state.
             inst.desired_power = "stopped"
         inst.vm_state, inst.power_state, inst.fault = "stopped", POWER_SHUTDOWN, None
@@ -74,8 +80,13 @@ def _apply(inst: Instance, status: InstanceStatus) -> None:
     # "building" changes nothing: the row is building (or a task is pending) already.
 
 
-async def apply_statuses(session: AsyncSession, statuses: Iterable[InstanceStatus]) -> Outcome:
-    """Apply reports in the caller's transaction; the last report per instance wins."""
+async def apply_statuses(session: AsyncSession, statuses: Iterable[InstanceStatus],
+                         adopt_guest_shutdown: bool = True) -> Outcome:
+    """Apply reports in the caller's transaction; the last report per instance wins.
+
+    With ``adopt_guest_shutdown`` a running guest reported stopped becomes desired-stopped
+    (the guest shut itself down, as Nova sees it); without it (a restarted agent's first
+    report) the guest is started again."""
     latest: dict[str, InstanceStatus] = {}
     for status in statuses:
         latest[status.instance_id] = status
@@ -97,5 +108,5 @@ async def apply_statuses(session: AsyncSession, statuses: Iterable[InstanceStatu
         if status.state == "absent":
             outcome.missing.append(iid)
             continue
-        _apply(inst, status)
+        _apply(inst, status, adopt_guest_shutdown)
     return outcome

@@ -78,6 +78,10 @@ class Reconciler:
         self.hosts_to_check: set[str] = set()
         self.hosts_changed: set[str] = set()  # came up or went down: their networks' peers change
         self.pending_reports: list[InstanceStatus] = []
+        # First full reports of a (re)started agent: a guest found stopped there is brought
+        # back if it should run (host reboot, `cloudland down`), not adopted as stopped.
+        self.pending_restores: list[InstanceStatus] = []
+        self._state_boot_ids: dict[str, str] = {}
         self._reported_networks: dict[str, set[str]] = {}
         self._peers_of: set[str] = set()  # networks whose member hosts need fresh peer lists
         self._sweep_marker = ""
@@ -96,13 +100,16 @@ class Reconciler:
 
     def on_host_state(self, state: HostState) -> None:
         host = state.host_id
+        first_report = host not in self.synced or self._state_boot_ids.get(host) != state.boot_id
+        self._state_boot_ids[host] = state.boot_id
         self.actual[host] = {s.instance_id: s for s in state.instances if s.state != "absent"}
         self._digests.pop(host, None)
         self.synced.add(host)
         reported = set(state.networks)
         for key in [k for k in self.net_sent if k[0] == host and k[1] not in reported]:
             del self.net_sent[key]  # the host lost it: send again
-        self.pending_reports.extend(s for s in state.instances if s.state != "absent")
+        pending = self.pending_restores if first_report else self.pending_reports
+        pending.extend(s for s in state.instances if s.state != "absent")
         self.hosts_to_check.add(host)
         self._reported_networks[host] = reported
 
@@ -134,7 +141,8 @@ class Reconciler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.dirty or self.dirty_nets or self.hosts_to_check or self.pending_reports)
+        return bool(self.dirty or self.dirty_nets or self.hosts_to_check or self.pending_reports
+                    or self.pending_restores)
 
     # --- the pass --------------------------------------------------------------------------
 
@@ -154,11 +162,13 @@ class Reconciler:
         await self.converge()
 
     async def flush_reports(self) -> None:
-        if not self.pending_reports:
+        if not self.pending_reports and not self.pending_restores:
             return
         reports, self.pending_reports = self.pending_reports, []
+        restores, self.pending_restores = self.pending_restores, []
         async with self.sessionmaker() as session, session.begin():
-            outcome = await apply_statuses(session, reports)
+            outcome = await apply_statuses(session, restores, adopt_guest_shutdown=False)
+            outcome.merge(await apply_statuses(session, reports))
         await self._after_reports(outcome)
 
     async def _after_reports(self, outcome: Outcome) -> None:

@@ -10,7 +10,18 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -154,7 +165,7 @@ class Instance(Base, Timestamps):
 
     __tablename__ = "instances"
     __table_args__ = (
-        Index("ix_instances_project_created", "project_id", "deleted", "created_at", "id"),
+        Index("ix_instances_project_created", "project_id", "deleted_at", "created_at", "id"),
         Index("ix_instances_host", "host", "deleted"),
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from cloudland.db.models import Flavor, Image, Instance, Keypair, Network, Port, Project, Subnet
 
@@ -135,8 +135,11 @@ async def test_list_rename_delete(client: httpx.AsyncClient, demo_token: str, se
     error(r, 404, "itemNotFound")
     assert (await client.get(f"{V21}/servers", headers=auth(demo_token))).json() == {"servers": []}
     async with app.state.sessionmaker() as s:
+        # Never scheduled: deleted locally at once (Nova's local delete), its port released.
         inst = await s.get(Instance, sid)
-        assert inst is not None and inst.deleted and inst.task_state == "deleting"
+        assert inst is not None and inst.deleted and inst.deleted_at is not None
+        assert inst.vm_state == "deleted" and inst.task_state is None
+        assert (await s.scalar(select(func.count()).select_from(Port).where(Port.device_id == sid))) == 0
 
 
 async def test_filters_and_paging(client: httpx.AsyncClient, demo_token: str, seed: Seed) -> None:

@@ -46,7 +46,7 @@ async def test_lifecycle(cloud: Cloud) -> None:
 
     r = await cloud.client.delete(f"/compute/v2.1/servers/{sid}", headers=cloud.headers)
     assert r.status_code == 204
-    assert (await cloud.show(sid)).status_code == 404
+    await wait_for(lambda: _gone(cloud, sid))
 
     async def finalized() -> bool:
         async with cloud.app.state.sessionmaker() as s:
@@ -91,7 +91,7 @@ async def test_delete_while_agent_stopped(cloud: Cloud) -> None:
     await cloud.agent.stop()
     r = await cloud.client.delete(f"/compute/v2.1/servers/{sid}", headers=cloud.headers)
     assert r.status_code == 204
-    assert (await cloud.show(sid)).status_code == 404
+    await wait_for(lambda: _gone(cloud, sid))
 
     async def finalized() -> bool:
         async with cloud.app.state.sessionmaker() as s:
@@ -117,6 +117,11 @@ async def test_no_valid_host(cloud: Cloud) -> None:
     r = await cloud.client.delete(f"/compute/v2.1/servers/{sid}", headers=cloud.headers)
     assert r.status_code == 204
     await wait_for(lambda: _ports_gone(cloud, sid))
+
+
+async def _gone(cloud: Cloud, sid: str) -> bool:
+    """The server stays visible ("deleting") until its host destroyed it or went down."""
+    return (await cloud.show(sid)).status_code == 404
 
 
 async def _ports_gone(cloud: Cloud, sid: str) -> bool:
@@ -159,3 +164,24 @@ async def test_controller_restart_is_quiet(cloud: Cloud) -> None:
     assert cloud.compute.instances[sid].boots == 1
     assert (await cloud.action(sid, {"os-stop": None})).status_code == 202
     await cloud.wait_status(sid, "SHUTOFF")
+
+
+async def test_guest_shutdown_is_adopted_but_restarted_agent_brings_guests_back(cloud: Cloud) -> None:
+    kept, restored = await cloud.create(name="kept"), await cloud.create(name="restored")
+    for sid in (kept, restored):
+        await cloud.wait_status(sid, "ACTIVE")
+    # A guest that powers itself off under a running agent stays off, as in Nova.
+    cloud.compute.guest_power_off(kept)
+    await cloud.wait_status(kept, "SHUTOFF")
+    # A guest found stopped by a restarted agent (host reboot, `cloudland down`) that should
+    # run is started again.
+    assert cloud.agent is not None
+    await cloud.agent.stop()
+    cloud.compute.guest_power_off(restored)
+    agent = cloud.new_agent()
+    await agent.start()
+    cloud.agent = agent
+    await wait_for(lambda: _true(cloud.compute.instances[restored].boots == 2),
+                   describe=lambda: "the stopped guest was not started again")
+    await cloud.wait_status(restored, "ACTIVE")
+    assert (await cloud.wait_status(kept, "SHUTOFF"))["OS-EXT-STS:power_state"] == 4

@@ -265,7 +265,7 @@ async def allowed_count(session: AsyncSession, project_id: str, req: CreateReque
         select(func.count(Instance.id),
                func.coalesce(func.sum(Instance.flavor["vcpus"].as_integer()), 0),
                func.coalesce(func.sum(Instance.flavor["ram"].as_integer()), 0))
-        .where(Instance.project_id == project_id, Instance.deleted.is_(False)))).one()
+        .where(Instance.project_id == project_id, Instance.deleted_at.is_(None)))).one()
     limits = [("instances", 1, count, QUOTA_INSTANCES),
               ("cores", req.flavor.vcpus, cores, QUOTA_CORES),
               ("ram", req.flavor.ram, ram, QUOTA_RAM)]

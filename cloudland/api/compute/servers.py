@@ -21,7 +21,8 @@ from cloudland.api.context import RequestContext, require_context
 from cloudland.api.deps import get_db, wake_controller
 from cloudland.api.errors import bad_request, forbidden, not_found
 from cloudland.api.policy import require_project_scope, require_write
-from cloudland.db.models import Instance
+from cloudland.controller.instance_status import finalize_delete
+from cloudland.db.models import Host, Instance
 
 router = APIRouter()
 
@@ -45,7 +46,8 @@ def _base(request: Request) -> str:
 
 async def load_server(session: AsyncSession, ctx: RequestContext, server_id: str) -> Instance:
     inst = await session.get(Instance, server_id)
-    if inst is None or inst.deleted or not (ctx.is_admin or ctx.owns(inst.project_id)):
+    # A server being deleted stays visible (task_state "deleting") until its host confirms.
+    if inst is None or inst.deleted_at is not None or not (ctx.is_admin or ctx.owns(inst.project_id)):
         raise not_found(f"Instance {server_id} could not be found.")
     return inst
 
@@ -79,7 +81,7 @@ def _limit(params: dict[str, str]) -> int:
 async def _list(request: Request, session: AsyncSession, ctx: RequestContext,
                 detail: bool) -> dict[str, Any]:
     params = dict(request.query_params)
-    query = select(Instance).where(Instance.deleted.is_(False))
+    query = select(Instance).where(Instance.deleted_at.is_(None))
     all_tenants = params.get("all_tenants")
     if all_tenants is not None and all_tenants.lower() not in ("0", "false", "off", "no"):
         if not ctx.is_admin:
@@ -195,12 +197,18 @@ async def update_server(server_id: str, request: Request, ctx: RequestContext = 
 @router.delete("/servers/{server_id}", status_code=204)
 async def delete_server(server_id: str, request: Request, ctx: RequestContext = Depends(require_context),
                         session: AsyncSession = Depends(get_db)) -> Response:
-    """The server leaves the API at once; the controller destroys the guest and frees its ports."""
+    """The server stays visible with task_state "deleting" until the controller has had the
+    guest destroyed and its ports freed (or at once when its host is down)."""
     require_write(ctx)
     async with session.begin():
         inst = await load_server(session, ctx, server_id)
         inst.deleted = True
         inst.task_state = "deleting"
+        host = await session.get(Host, inst.host) if inst.host else None
+        if host is None or host.status != "up":
+            # Nova's local delete: nothing runs anywhere we can reach. A guest left on a down
+            # host is destroyed when that host reports in again.
+            await finalize_delete(session, inst)
     await wake_controller(request, [server_id])
     return Response(status_code=204)
 

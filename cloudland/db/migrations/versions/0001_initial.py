@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-21 06:21:15.138550
+Create Date: 2026-11-21 06:28:23.108412
 """
 
 from alembic import op
@@ -118,7 +118,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('instances', schema=None) as batch_op:
         batch_op.create_index('ix_instances_host', ['host', 'deleted'], unique=False)
-        batch_op.create_index('ix_instances_project_created', ['project_id', 'deleted', 'created_at', 'id'], unique=False)
+        batch_op.create_index('ix_instances_project_created', ['project_id', 'deleted_at', 'created_at', 'id'], unique=False)
 
     op.create_table('keypairs',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
