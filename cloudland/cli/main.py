@@ -81,7 +81,7 @@ def up(
     pid = read_pid(run_dir(cfg) / "supervisor.pid")
     if pid:
         console.print(f"Cloudland is already running (pid {pid}).")
-        _print_usage(cfg)
+        _print_usage(cfg, user_clouds_yaml)
         return
     if detach:
         _detach_up(cfg, config_path, guest_image, user_clouds_yaml, timeout)
@@ -152,20 +152,22 @@ def _detach_up(cfg: Config, config_path: Path | None, guest_image: bool, user_cl
         else:
             console.print(f"[red]Cloudland did not become healthy in {timeout:.0f}s; see {log_path}[/red]")
             raise typer.Exit(1)
-    _print_usage(cfg)
+    _print_usage(cfg, user_clouds_yaml)
 
 
-def _print_usage(cfg: Config) -> None:
+def _print_usage(cfg: Config, user_clouds_yaml: bool = True) -> None:
     bin_dir = Path(sys.executable).parent
     clouds = cfg.state_dir / "clouds.yaml"
+    where = "also merged into ~/.config/openstack/clouds.yaml" if user_clouds_yaml else "not in ~/.config"
+    env = "" if user_clouds_yaml else f" OS_CLIENT_CONFIG_FILE={clouds}"
     console.print(f"""[bold green]Cloudland is up.[/bold green]
   API (OpenStack-compatible): {cfg.api.base_url()}
-  clouds.yaml: {clouds} (also merged into ~/.config/openstack/clouds.yaml unless disabled)
+  clouds.yaml: {clouds} ({where})
   clouds: cloudland (admin), cloudland-demo (project demo)
   logs: {cfg.state_dir / 'logs'}
 
 Try it with the stock OpenStack CLI:
-  export PATH={bin_dir}:$PATH OS_CLOUD=cloudland-demo
+  export PATH={bin_dir}:$PATH OS_CLOUD=cloudland-demo{env}
   openstack image list
   openstack server create --flavor m1.nano --image cloudland-guest --network demo-net --wait vm1
   openstack console log show vm1

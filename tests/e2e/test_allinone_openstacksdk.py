@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openstack
 import pytest
+from openstack.config.loader import OpenStackConfig
 
 from cloudland.guest import BOOT_MARKER
 from tests.e2e.conftest import RunningCloud, wait_for
@@ -12,8 +13,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 
 def test_openstacksdk_server_lifecycle(cloud: RunningCloud) -> None:
-    conn = openstack.connect(cloud="cloudland-demo", config_files=[str(cloud.clouds_yaml)],
-                             load_yaml_config=True)
+    region = OpenStackConfig(config_files=[str(cloud.clouds_yaml)]).get_one(cloud="cloudland-demo")
+    conn = openstack.connection.Connection(config=region)
     try:
         image = conn.image.find_image("cloudland-guest")
         flavor = conn.compute.find_flavor("m1.nano")
