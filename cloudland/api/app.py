@@ -60,6 +60,10 @@ def create_app(config: Config, *, connect_bus: bool = True) -> FastAPI:
     async def _bad_json(request: Request, exc: json.JSONDecodeError):  # type: ignore[no-untyped-def]
         return render_error(request.url.path, 400, f"Malformed request body: {exc.msg}")
 
+    @app.exception_handler(UnicodeDecodeError)
+    async def _bad_encoding(request: Request, exc: UnicodeDecodeError):  # type: ignore[no-untyped-def]
+        return render_error(request.url.path, 400, "Malformed request body: not valid UTF-8 JSON")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):  # type: ignore[no-untyped-def]
         message = exc.detail if isinstance(exc.detail, str) else "Error"
