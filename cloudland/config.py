@@ -26,10 +26,15 @@ class ApiConfig(Section):
     listen_port: int = 8774
     # URL clients use to reach the API; it goes into the service catalog.
     public_url: str = ""
+    # URL agents use to reach the API (signed image downloads); default: the base URL.
+    internal_url: str = ""
     workers: int = 1
 
     def base_url(self) -> str:
         return self.public_url.rstrip("/") or f"http://{self.listen_host}:{self.listen_port}"
+
+    def agent_url(self) -> str:
+        return self.internal_url.rstrip("/") or self.base_url()
 
 
 class DatabaseConfig(Section):
@@ -56,6 +61,10 @@ class IdentityConfig(Section):
 class ComputeConfig(Section):
     # Seconds a guest gets to power off after ACPI powerdown before it is killed (Nova: 60).
     shutdown_timeout: int = 60
+    # Per-project quotas (Nova's defaults); a negative value means unlimited.
+    quota_instances: int = 10
+    quota_cores: int = 20
+    quota_ram: int = 51200  # MiB
 
 
 class AgentConfig(Section):
@@ -86,6 +95,16 @@ class ControllerConfig(Section):
     disk_allocation_ratio: float = 1.0
 
 
+class AllInOneConfig(Section):
+    # Hypervisors of `cloudland up`: 1 runs the agent in the root network namespace; N > 1
+    # (dev/test topology) runs N agents, each in its own namespace ``clhv-<host_id>-<k>``
+    # joined by an underlay bridge; their host ids are ``<agent.host_id>-1`` ... ``-N``.
+    hypervisors: int = Field(default=1, ge=1, le=200)
+    # The underlay of that topology: the root side of the bridge gets the first address,
+    # hypervisor k the (k+1)-th. NATS and the API listen there too, for the agents.
+    underlay_cidr: str = "172.31.250.0/24"
+
+
 class Config(Section):
     state_dir: Path = DEFAULT_STATE_DIR
     api: ApiConfig = Field(default_factory=ApiConfig)
@@ -95,6 +114,7 @@ class Config(Section):
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    allinone: AllInOneConfig = Field(default_factory=AllInOneConfig)
 
     @property
     def database_url(self) -> str:

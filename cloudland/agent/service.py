@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from typing import Any
 
 from nats.aio.client import Client
@@ -63,7 +64,10 @@ class AgentService:
         host_id: str | None = None,
         image_cache: ImageCache | None = None,
         records: InstanceStateStore | None = None,
+        nc: Client | None = None,
     ) -> None:
+        """``nc``: a NATS connection to share (many simulated agents in one process); the agent
+        then neither connects nor closes it, and the owner calls ``on_reconnect()`` for it."""
         self.config = config
         self.compute = compute
         self.network = network
@@ -77,6 +81,7 @@ class AgentService:
         self.address = underlay_address(config)
         self.boot_id = ""
         self.nc: Client | None = None
+        self._shared_nc = nc
         self._subs: list[Subscription] = []
         # Last reported status of every instance this host has (never "absent").
         self._status: dict[str, InstanceStatus] = {}
@@ -103,7 +108,7 @@ class AgentService:
         for iid, state in (await self.compute.list_instances()).items():
             if state != "absent":
                 self._status[iid] = self._make_status(iid, state)
-        self.nc = await self._connect()
+        self.nc = self._shared_nc or await self._connect()
         self._subs = [
             await self.nc.subscribe(subjects.host_cmd(self.host_id), cb=self._on_command),
             await self.nc.subscribe(subjects.host_rpc(self.host_id), cb=self._on_request),
@@ -133,6 +138,8 @@ class AgentService:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._heartbeat_task = None
         self._pending.clear()
+        if self.nc is not None and self._shared_nc is not None:
+            self.nc = None
         if self.nc is not None:
             try:
                 await asyncio.wait_for(self.nc.drain(), 5)
@@ -161,6 +168,10 @@ class AgentService:
                 log.warning("cannot reach NATS at %s (%s); retrying", self.config.nats.url, e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    async def on_reconnect(self) -> None:
+        """After NATS reconnected: report the full state (the controller may have missed some)."""
+        await self._on_reconnect()
 
     async def _on_reconnect(self) -> None:
         self._spawn(self._report_full_state())
@@ -331,6 +342,7 @@ class AgentService:
             state_digest=state_digest(statuses),
             instance_count=len(statuses),
             driver=self.compute.name,
+            sent_at=time.time(),
         )
 
     def resources(self) -> Resources:

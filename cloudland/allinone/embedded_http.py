@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Generator
 
 import uvicorn
@@ -19,3 +20,15 @@ def http_server(app: FastAPI, host: str, port: int) -> EmbeddedServer:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             lifespan="on", timeout_graceful_shutdown=5)
     return EmbeddedServer(config)
+
+
+def bind_sockets(hosts: list[str], port: int) -> list[socket.socket]:
+    """Listening sockets on several addresses, for ``EmbeddedServer.serve(sockets=...)``."""
+    sockets = []
+    for host in dict.fromkeys(hosts):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sockets.append(sock)
+    return sockets

@@ -2,7 +2,12 @@
 
 One supervisor process runs the bundled nats-server (child), the API and the controller
 (tasks in its own event loop) and one hypervisor agent (child, restarted if it dies). It
-writes ``run/supervisor.pid`` and, once a hypervisor has reported in, ``run/ready``.
+writes ``run/supervisor.pid`` and, once every hypervisor has reported in, ``run/ready``.
+
+With ``allinone.hypervisors`` = N > 1 it first builds the dev/test topology (``topology.py``:
+N network namespaces on an underlay bridge) and runs one agent per namespace, started with
+``nsenter --net=<namespace>``, each with its own host id, state directory and underlay
+address; NATS and the API also listen on the bridge's address, where the agents reach them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import select
 
+from cloudland.allinone import topology
 from cloudland.allinone.bootstrap import BootstrapResult, bootstrap_cloud
 from cloudland.allinone.nats import NatsServer
 from cloudland.config import Config
@@ -35,14 +41,32 @@ def logs_dir(config: Config) -> Path:
     return config.state_dir / "logs"
 
 
-def read_pid(path: Path) -> int | None:
-    """The pid in ``path`` if that process is alive."""
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
     try:
-        pid = int(path.read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
         return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def write_pid(path: Path, pid: int) -> None:
+    """Record ``pid`` with its start time, so that a reused pid is never mistaken for it."""
+    path.write_text(f"{pid} {_start_time(pid) or ''}\n")
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid in ``path`` if that very process (same start time) is still alive."""
+    try:
+        pid_text, _, started = path.read_text().strip().partition(" ")
+        pid = int(pid_text)
+    except (FileNotFoundError, ValueError):
+        return None
+    current = _start_time(pid)
+    if current is None or current != started:
+        return None
+    return pid
 
 
 class ChildProcess:
@@ -65,7 +89,7 @@ class ChildProcess:
         with open(self.log_path, "ab") as out:
             process = await asyncio.create_subprocess_exec(*self.argv, stdout=out, stderr=out,
                                                            stdin=asyncio.subprocess.DEVNULL)
-        self.pid_path.write_text(str(process.pid))
+        write_pid(self.pid_path, process.pid)
         return process
 
     async def _keep_running(self) -> None:
@@ -114,8 +138,22 @@ class AllInOne:
             argv += ["--config", str(self.config_path)]
         return argv
 
+    def _agents(self, topo: topology.Topology | None, nats_url: str) -> list[ChildProcess]:
+        cfg = self.config
+        if topo is None:
+            return [ChildProcess("agent", self._cli("agent"), logs_dir(cfg) / "agent.log",
+                                 run_dir(cfg) / "agent.pid")]
+        return [
+            ChildProcess(f"agent {hv.host_id}",
+                         ["nsenter", f"--net={hv.netns_path}", "--",
+                          *self._cli("agent", "--host-id", hv.host_id, "--underlay-address", hv.address,
+                                     "--nats-url", nats_url)],
+                         logs_dir(cfg) / f"agent-{hv.host_id}.log", agent_pid_path(cfg, hv.host_id))
+            for hv in topo.hypervisors
+        ]
+
     async def run(self) -> None:
-        from cloudland.allinone.embedded_http import http_server
+        from cloudland.allinone.embedded_http import bind_sockets, http_server
         from cloudland.api.app import create_app
         from cloudland.controller.service import ControllerService
 
@@ -123,23 +161,36 @@ class AllInOne:
         rdir = run_dir(cfg)
         rdir.mkdir(parents=True, exist_ok=True)
         (rdir / "ready").unlink(missing_ok=True)
-        (rdir / "supervisor.pid").write_text(str(os.getpid()))
+        write_pid(rdir / "supervisor.pid", os.getpid())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
 
+        topo = topology.plan(cfg)
+        listen = [cfg.api.listen_host]
+        nats_host = "127.0.0.1"
+        if topo is not None:
+            await asyncio.to_thread(topology.build, topo)
+            # The control plane as the agents in the namespaces see it: the bridge's address.
+            cfg = cfg.model_copy(deep=True)
+            listen.append(topo.gateway_ip)
+            cfg.api.internal_url = cfg.api.internal_url or f"http://{topo.gateway_ip}:{cfg.api.listen_port}"
+            if cfg.nats.bundled:
+                nats_host = topo.gateway_ip
+                cfg.nats.url = f"nats://{nats_host}:{cfg.nats.bundled_port}"
         nats = None
         if cfg.nats.bundled:
-            nats = NatsServer(port=cfg.nats.bundled_port, work_dir=cfg.state_dir / "nats")
+            nats = NatsServer(port=cfg.nats.bundled_port, work_dir=cfg.state_dir / "nats", host=nats_host)
             await nats.start()
         self.bootstrap = await bootstrap_cloud(cfg, guest_image=self.guest_image,
                                                user_clouds_yaml=self.user_clouds_yaml)
         server = http_server(create_app(cfg), cfg.api.listen_host, cfg.api.listen_port)
-        api_task = asyncio.create_task(server.serve())
+        api_task = asyncio.create_task(server.serve(sockets=bind_sockets(listen, cfg.api.listen_port)))
         controller = ControllerService(cfg)
         await controller.start()
-        agent = ChildProcess("agent", self._cli("agent"), logs_dir(cfg) / "agent.log", rdir / "agent.pid")
-        await agent.start()
+        agents = self._agents(topo, cfg.nats.url)
+        for agent in agents:
+            await agent.start()
         try:
             ready = asyncio.create_task(self._wait_ready())
             stopped = asyncio.create_task(self._stop.wait())
@@ -153,7 +204,7 @@ class AllInOne:
         finally:
             log.info("stopping")
             (rdir / "ready").unlink(missing_ok=True)
-            await agent.stop()
+            await asyncio.gather(*(agent.stop() for agent in agents))
             await controller.stop()
             server.should_exit = True
             with contextlib.suppress(Exception):
@@ -163,11 +214,11 @@ class AllInOne:
             (rdir / "supervisor.pid").unlink(missing_ok=True)
 
     async def _wait_ready(self) -> None:
-        """The API answers and the local hypervisor has reported in."""
+        """The API answers and every local hypervisor has reported in."""
         cfg = self.config
         engine = make_engine(cfg.database_url)
         sessionmaker = make_sessionmaker(engine)
-        host_id = cfg.host_id()
+        wanted = set(topology.host_ids(cfg))
         try:
             async with httpx.AsyncClient(timeout=2) as client:
                 while True:
@@ -175,25 +226,45 @@ class AllInOne:
                         r = await client.get(cfg.api.base_url() + "/healthz")
                         if r.status_code == 200:
                             async with sessionmaker() as s:
-                                host = await s.scalar(select(Host).where(Host.id == host_id))
-                            if host is not None and host.status == "up":
+                                up = set(await s.scalars(select(Host.id).where(
+                                    Host.id.in_(wanted), Host.status == "up")))
+                            if up == wanted:
                                 return
                     await asyncio.sleep(0.2)
         finally:
             await engine.dispose()
 
 
+def agent_pid_path(config: Config, host_id: str) -> Path:
+    """Where the supervisor keeps the pid of the agent of ``host_id``."""
+    if config.allinone.hypervisors == 1:
+        return run_dir(config) / "agent.pid"
+    return run_dir(config) / f"agent-{host_id}.pid"
+
+
 async def stop_guests(config: Config, timeout: float) -> int:
-    """Power off the local hypervisor's guests (disks are kept); returns how many."""
+    """Power off the local hypervisors' guests (disks are kept); returns how many."""
     if config.agent.compute_driver != "qemu":
         return 0
     from cloudland.agent.drivers.compute.qemu import QemuDriver
 
-    driver = QemuDriver(config.agent_state_dir(config.host_id()), accel=config.agent.accel)
-    await driver.init_host()
-    try:
-        running = [i for i, s in (await driver.list_instances()).items() if s in ("running", "paused")]
-        await asyncio.gather(*(driver.power_off(i, timeout) for i in running))
-        return len(running)
-    finally:
-        await driver.close()
+    async def one(host_id: str) -> int:
+        driver = QemuDriver(config.agent_state_dir(host_id), accel=config.agent.accel)
+        await driver.init_host()
+        try:
+            running = [i for i, s in (await driver.list_instances()).items() if s in ("running", "paused")]
+            await asyncio.gather(*(driver.power_off(i, timeout) for i in running))
+            return len(running)
+        finally:
+            await driver.close()
+
+    return sum(await asyncio.gather(*(one(h) for h in topology.host_ids(config))))
+
+
+def remove_topology(config: Config) -> bool:
+    """Remove the namespaces and the underlay of ``--hypervisors N``; False if there were none."""
+    topo = topology.plan(config)
+    if topo is None or not topology.exists(topo):
+        return False
+    topology.destroy(topo)
+    return True

@@ -33,7 +33,7 @@ def image_download_url(config: Config, image_id: str, ttl: float = 3600) -> str:
     """A signed URL an agent can fetch the image data from, without a token, for ``ttl`` seconds."""
     expires, signature = _signer(config.keys_dir).sign(_resource(image_id), ttl)
     query = urlencode({"expires": expires, "signature": signature})
-    return f"{config.api.base_url()}/internal/images/{image_id}/data?{query}"
+    return f"{config.api.agent_url()}/internal/images/{image_id}/data?{query}"
 
 
 async def setup(app: FastAPI, config: Config) -> None:

@@ -171,6 +171,8 @@ class Heartbeat(Message, tag="heartbeat"):
     state_digest: str
     instance_count: int = 0
     driver: str = "qemu"
+    # Wall-clock time (time.time()) when the agent sent it: the controller measures its lag.
+    sent_at: float = 0.0
 
 
 class HostState(Message, tag="host_state"):

@@ -21,3 +21,5 @@ def report(zone: str) -> str:
 REPORT_ALL = "report.*"
 # The API pokes the controllers after it changes desired state; they also poll.
 CONTROLLER_WAKE = "controller.wake"
+# Controller figures (JSON) on request; "reset" in the request clears the samples.
+CONTROLLER_STATS = "controller.stats"

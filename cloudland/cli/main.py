@@ -16,6 +16,7 @@ import tomli_w
 import typer
 from rich.console import Console
 
+from cloudland.bench.cli import bench_app, nats_app
 from cloudland.config import Config, load_config
 
 app = typer.Typer(help="Cloudland: a lightweight, OpenStack-compatible cloud.", no_args_is_help=True)
@@ -23,6 +24,8 @@ db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 image_app = typer.Typer(help="Guest images.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(image_app, name="image")
+app.add_typer(bench_app, name="bench")
+app.add_typer(nats_app, name="nats")
 console = Console()
 
 StateDir = Annotated[Path | None, typer.Option(
@@ -51,8 +54,12 @@ def _run(coro) -> None:  # type: ignore[no-untyped-def]
 async def _serve_until_signal(service) -> None:  # type: ignore[no-untyped-def]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    def stopping(sig: signal.Signals) -> None:
+        logging.getLogger("cloudland").info("%s received: stopping", sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping, sig)
     await service.start()
     try:
         await stop.wait()
@@ -69,15 +76,20 @@ def up(
     nats_port: Annotated[int | None, typer.Option(help="Bundled NATS port (first start only)")] = None,
     host_id: Annotated[str | None, typer.Option(help="Hypervisor id (first start only)")] = None,
     accel: Annotated[str | None, typer.Option(help="auto | kvm | tcg (first start only)")] = None,
+    hypervisors: Annotated[int | None, typer.Option(
+        min=1, max=200, help="Hypervisors, each an agent in its own namespace (first start only)")] = None,
+    underlay_cidr: Annotated[str | None, typer.Option(
+        help="IPv4 underlay of --hypervisors N (first start only) [default: 172.31.250.0/24]")] = None,
     guest_image: Annotated[bool, typer.Option(help="Build and publish the test guest image")] = True,
     user_clouds_yaml: Annotated[bool, typer.Option(
         help="Also write ~/.config/openstack/clouds.yaml")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds --detach waits for health")] = 300,
 ) -> None:
-    """Run the all-in-one cloud: NATS, API, controller and one hypervisor agent."""
+    """Run the all-in-one cloud: NATS, API, controller and one hypervisor agent (or N, each in
+    its own network namespace, with --hypervisors N)."""
     from cloudland.allinone.supervisor import AllInOne, read_pid, run_dir
 
-    cfg = _init_config(state_dir, config_path, port, nats_port, host_id, accel)
+    cfg = _init_config(state_dir, config_path, port, nats_port, host_id, accel, hypervisors, underlay_cidr)
     pid = read_pid(run_dir(cfg) / "supervisor.pid")
     if pid:
         console.print(f"Cloudland is already running (pid {pid}).")
@@ -97,7 +109,8 @@ def up(
 
 
 def _init_config(state_dir: Path | None, config_path: Path | None, port: int | None,
-                 nats_port: int | None, host_id: str | None, accel: str | None) -> Config:
+                 nats_port: int | None, host_id: str | None, accel: str | None,
+                 hypervisors: int | None = None, underlay_cidr: str | None = None) -> Config:
     """Load the config; on first start write ``<state_dir>/cloudland.toml`` with the options given."""
     cfg = _config(state_dir, config_path)
     if config_path is None and not (cfg.state_dir / "cloudland.toml").exists():
@@ -109,11 +122,18 @@ def _init_config(state_dir: Path | None, config_path: Path | None, port: int | N
         agent = {k: v for k, v in (("host_id", host_id), ("accel", accel)) if v}
         if agent:
             data["agent"] = agent
+        allinone = {k: v for k, v in (("hypervisors", hypervisors), ("underlay_cidr", underlay_cidr)) if v}
+        if allinone:
+            data["allinone"] = allinone
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         (cfg.state_dir / "cloudland.toml").write_text(
             "# Written by the first `cloudland up`; see docs/configuration.md\n" + tomli_w.dumps(data))
         state_dir = cfg.state_dir
         cfg = _config(state_dir, None)
+    elif hypervisors is not None and hypervisors != cfg.allinone.hypervisors:
+        console.print(f"[red]This cloud has {cfg.allinone.hypervisors} hypervisor(s); --hypervisors "
+                      f"applies to a first start only (see allinone.hypervisors in the config).[/red]")
+        raise typer.Exit(2)
     return cfg
 
 
@@ -184,8 +204,9 @@ def down(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the cloud to stop")] = 60,
 ) -> None:
     """Stop what `cloudland up` started. Guests are powered off (their disks are kept) and
-    the next `cloudland up` starts them again."""
-    from cloudland.allinone.supervisor import read_pid, run_dir, stop_guests
+    the next `cloudland up` starts them again. With several hypervisors their namespaces and
+    the underlay are removed too (rebuilt by the next `up`), unless --keep-guests."""
+    from cloudland.allinone.supervisor import read_pid, remove_topology, run_dir, stop_guests
 
     cfg = _config(state_dir, config_path)
     pid = read_pid(run_dir(cfg) / "supervisor.pid")
@@ -204,6 +225,8 @@ def down(
         n = asyncio.run(stop_guests(cfg, timeout=min(cfg.compute.shutdown_timeout, 30)))
         if n:
             console.print(f"Powered off {n} guest(s); their disks are kept.")
+        if remove_topology(cfg):
+            console.print("Removed the hypervisor namespaces and the underlay.")
 
 
 @app.command()
@@ -245,13 +268,25 @@ def controller(state_dir: StateDir = None, config_path: ConfigPath = None) -> No
 
 
 @app.command()
-def agent(state_dir: StateDir = None, config_path: ConfigPath = None) -> None:
+def agent(
+    state_dir: StateDir = None,
+    config_path: ConfigPath = None,
+    host_id: Annotated[str | None, typer.Option(help="Overrides agent.host_id")] = None,
+    underlay_address: Annotated[str | None, typer.Option(help="Overrides agent.underlay_address")] = None,
+    nats_url: Annotated[str | None, typer.Option(help="Overrides nats.url")] = None,
+) -> None:
     """Run the hypervisor agent (as root). Guests keep running when it stops."""
     from cloudland.agent.factory import build_drivers
     from cloudland.agent.service import AgentService
 
     _setup_logging()
     cfg = _config(state_dir, config_path)
+    if host_id:
+        cfg.agent.host_id = host_id
+    if underlay_address:
+        cfg.agent.underlay_address = underlay_address
+    if nats_url:
+        cfg.nats.url = nats_url
     host_id = cfg.host_id()
     compute, network = build_drivers(cfg, host_id)
     _run(_serve_until_signal(AgentService(cfg, compute, network, host_id=host_id)))

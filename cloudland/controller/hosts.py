@@ -100,6 +100,11 @@ class HostIndex:
                 gone.append(info.id)
         return gone
 
+    def overdue(self) -> bool:
+        """Some host that is up has sent no heartbeat for ``down_after`` seconds."""
+        limit = self.clock() - self.down_after
+        return any(h.up and h.last_seen < limit for h in self.hosts.values())
+
     def set_disabled(self, disabled: set[str]) -> None:
         for info in self.hosts.values():
             info.enabled = info.id not in disabled

@@ -94,6 +94,7 @@ async def apply_statuses(session: AsyncSession, statuses: Iterable[InstanceStatu
     if not latest:
         return outcome
     rows = {i.id: i for i in await session.scalars(select(Instance).where(Instance.id.in_(list(latest))))}
+    port_status: dict[str, list[str]] = {"ACTIVE": [], "DOWN": []}
     for iid, status in latest.items():
         inst = rows.get(iid)
         if inst is None or inst.deleted_at is not None or inst.host != status.host_id:
@@ -109,4 +110,11 @@ async def apply_statuses(session: AsyncSession, statuses: Iterable[InstanceStatu
             outcome.missing.append(iid)
             continue
         _apply(inst, status, adopt_guest_shutdown)
+        if status.state in ("running", "stopped", "error"):
+            port_status["ACTIVE" if status.state == "running" else "DOWN"].append(iid)
+    for value, ids in port_status.items():
+        if ids:
+            # Neutron: a port is ACTIVE while its guest runs (its tap is plugged and up).
+            await session.execute(update(Port).where(Port.device_id.in_(ids), Port.status != value)
+                                  .values(status=value))
     return outcome

@@ -236,7 +236,7 @@ class Reconciler:
                 if inst.deleted:
                     self.dirty.add(inst.id)  # local delete, in converge()
                     continue
-                host_id = placement.pick(inst.flavor or {}, inst.availability_zone)
+                host_id = placement.pick(inst.flavor or {}, inst.availability_zone, inst.requested_host)
                 if host_id is None:
                     log.info("instance %s: no valid host", inst.id)
                     await scheduler.fail_no_host(session, inst.id)

@@ -63,9 +63,12 @@ class Placement:
         self.heap = [(-f.ram, host_id) for host_id, f in self.free.items()]
         heapq.heapify(self.heap)
 
-    def pick(self, flavor: dict[str, Any], zone: str | None = None) -> str | None:
-        """The host with the most free RAM that fits; its free capacity is reduced."""
+    def pick(self, flavor: dict[str, Any], zone: str | None = None, host: str | None = None) -> str | None:
+        """The host with the most free RAM that fits (or ``host``, if it fits); its free
+        capacity is reduced."""
         vcpus, ram, disk = flavor_needs(flavor)
+        if host is not None:
+            return self._take(host, vcpus, ram, disk)
         skipped = []
         chosen = None
         while self.heap:
@@ -86,10 +89,17 @@ class Placement:
                 heapq.heappush(self.heap, entry)
         if chosen is None:
             return None
-        free = self.free[chosen]
+        return self._take(chosen, vcpus, ram, disk)
+
+    def _take(self, host: str, vcpus: int, ram: int, disk: int) -> str | None:
+        """Claim capacity on ``host`` if it is up, enabled and has room; the heap entry it had
+        goes stale (``pick`` skips entries whose RAM differs)."""
+        free = self.free.get(host)
+        if free is None or free.vcpus < vcpus or free.ram < ram or free.disk < disk:
+            return None
         free.vcpus, free.ram, free.disk = free.vcpus - vcpus, free.ram - ram, free.disk - disk
-        heapq.heappush(self.heap, (-free.ram, chosen))
-        return chosen
+        heapq.heappush(self.heap, (-free.ram, host))
+        return host
 
 
 async def claim(session: AsyncSession, instance_id: str, host: HostInfo) -> bool:

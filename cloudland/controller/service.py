@@ -34,6 +34,7 @@ from cloudland.bus.messages import (
 from cloudland.config import Config
 from cloudland.controller.hosts import HostIndex
 from cloudland.controller.reconciler import Reconciler
+from cloudland.controller.stats import ControllerStats
 from cloudland.db.engine import make_engine, make_sessionmaker
 from cloudland.db.models import Host
 
@@ -44,6 +45,8 @@ STATE_REQUEST_TIMEOUT = 10.0
 STATE_REQUEST_INTERVAL = 3.0
 # Reports and wakes are gathered this long before a pass runs.
 DEBOUNCE = 0.05
+# Seconds between checks for hosts whose heartbeats stopped.
+DOWN_CHECK = 1.0
 
 
 class ControllerService:
@@ -60,6 +63,7 @@ class ControllerService:
         self._requests: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.passes = 0
+        self.stats = ControllerStats()
 
     async def start(self) -> None:
         self.engine = make_engine(self.config.database_url)
@@ -71,6 +75,7 @@ class ControllerService:
         self._subs = [
             await self.nc.subscribe(subjects.REPORT_ALL, cb=self._on_report),
             await self.nc.subscribe(subjects.CONTROLLER_WAKE, cb=self._on_wake),
+            await self.nc.subscribe(subjects.CONTROLLER_STATS, cb=self._on_stats),
         ]
         self._loop_task = asyncio.create_task(self._loop(), name="controller-loop")
         log.info("controller started (%d known hosts)", len(self.hosts.hosts))
@@ -111,20 +116,27 @@ class ControllerService:
         period = self.config.controller.reconcile_seconds
         next_sweep = time.monotonic()
         while True:
-            timeout = max(0.0, next_sweep - time.monotonic())
+            # Wake at least every second to notice silent hosts (cheap: no database work).
+            timeout = max(0.0, min(next_sweep - time.monotonic(), DOWN_CHECK))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), timeout)
+            sweep = time.monotonic() >= next_sweep
+            if not self._kick.is_set() and not sweep and not self.hosts.overdue():
+                continue
             await asyncio.sleep(DEBOUNCE)
             self._kick.clear()
             sweep = time.monotonic() >= next_sweep
             if sweep:
                 next_sweep = time.monotonic() + period
+            started = time.monotonic()
             try:
                 await self.reconciler.run_pass(sweep=sweep)
             except Exception:
                 log.exception("reconcile pass failed")
                 await asyncio.sleep(1.0)
             self.passes += 1
+            self.stats.passes += 1
+            self.stats.pass_seconds.append(time.monotonic() - started)
             if self.reconciler.has_work:
                 self._kick.set()
 
@@ -146,12 +158,15 @@ class ControllerService:
             log.warning("undecodable report on %s: %s", msg.subject, e)
             return
         if isinstance(report, Heartbeat):
+            self.stats.heartbeat(report.sent_at)
             if self.reconciler.on_heartbeat(report):
                 self._request_state(report.host_id)
         elif isinstance(report, InstanceStatus):
+            self.stats.statuses += 1
             self.reconciler.on_status(report)
             self.kick()
         elif isinstance(report, HostState):
+            self.stats.host_states += 1
             self.reconciler.on_host_state(report)
             self.kick()
 
@@ -164,6 +179,15 @@ class ControllerService:
         if isinstance(wake, Wake):
             self.reconciler.wake(wake.instance_ids)
             self.kick()
+
+    async def _on_stats(self, msg: Msg) -> None:
+        if b"reset" in msg.data:
+            self.stats.reset()
+        up = sum(1 for h in self.hosts.hosts.values() if h.up)
+        extra = {"hosts": len(self.hosts.hosts), "hosts_up": up,
+                 "synced": len(self.reconciler.synced) if self.reconciler else 0}
+        with contextlib.suppress(Exception):
+            await msg.respond(self.stats.encode(extra))
 
     def _request_state(self, host_id: str) -> None:
         now = time.monotonic()

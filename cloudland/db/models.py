@@ -182,6 +182,8 @@ class Instance(Base, Timestamps):
     config_drive: Mapped[bool] = mapped_column(Boolean, default=False)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     availability_zone: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # An admin's forced host (``--availability-zone zone:host``); the scheduler places it there.
+    requested_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
     host: Mapped[str | None] = mapped_column(String(255), nullable=True)
     vm_state: Mapped[str] = mapped_column(String(32), default="building")
     task_state: Mapped[str | None] = mapped_column(String(32), nullable=True, default="scheduling")

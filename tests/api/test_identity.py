@@ -53,6 +53,7 @@ async def test_bootstrap_is_idempotent_and_stores_passwords(app, config: Config)
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
 
+@pytest.mark.both_databases
 async def test_issue_by_name_body_shape(client: httpx.AsyncClient, app) -> None:  # type: ignore[no-untyped-def]
     creds = app.state.credentials
     body = password_auth(
@@ -225,6 +226,7 @@ async def test_malformed_400(client: httpx.AsyncClient, content: bytes) -> None:
 # --- validate, revoke, expiry ---------------------------------------------------------------------
 
 
+@pytest.mark.both_databases
 async def test_validate_head_revoke(
     client: httpx.AsyncClient, app, admin_token: str, demo_token: str
 ) -> None:  # type: ignore[no-untyped-def]
@@ -310,6 +312,7 @@ async def test_role_removal_and_project_disable_invalidate(
     assert (await client.get("/identity/v3/auth/catalog", headers=h(demo_token))).status_code == 401
 
 
+@pytest.mark.both_databases
 async def test_password_change_revokes_old_tokens(client: httpx.AsyncClient, app, demo_token: str) -> None:  # type: ignore[no-untyped-def]
     creds = app.state.credentials
     url = f"/identity/v3/users/{creds.demo_user_id}/password"
@@ -366,6 +369,7 @@ async def test_auth_catalog_and_projects(client: httpx.AsyncClient, app, demo_to
 # --- admin APIs ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.both_databases
 async def test_admin_crud_and_role_assignment(client: httpx.AsyncClient, app, admin_token: str) -> None:  # type: ignore[no-untyped-def]
     a = h(admin_token)
     r = await client.post("/identity/v3/domains", headers=a, json={"domain": {"name": "acme"}})

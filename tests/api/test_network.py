@@ -102,6 +102,7 @@ async def test_vni_reuses_lowest_free(client: httpx.AsyncClient, admin_token: st
     assert again["provider:segmentation_id"] == min(vnis)
 
 
+@pytest.mark.both_databases
 async def test_concurrent_network_creates_get_distinct_vnis(client: httpx.AsyncClient,
                                                             admin_token: str) -> None:
     results = await asyncio.gather(*(make_network(client, admin_token) for _ in range(8)))
@@ -254,6 +255,7 @@ async def test_ipv6_subnet_slaac(client: httpx.AsyncClient, demo_token: str) -> 
     neutron_error(await client.post(f"{N}/subnets", json=body, headers=h(demo_token)), 400)
 
 
+@pytest.mark.both_databases
 async def test_port_crud_and_fixed_ips(client: httpx.AsyncClient, admin_token: str, demo_token: str) -> None:
     net = await make_network(client, demo_token)
     sub = await make_subnet(client, demo_token, net["id"], "10.5.0.0/24")
@@ -312,6 +314,7 @@ async def test_port_crud_and_fixed_ips(client: httpx.AsyncClient, admin_token: s
     neutron_error(await client.get(f"{N}/ports/{port['id']}", headers=h(demo_token)), 404, "PortNotFound")
 
 
+@pytest.mark.both_databases
 async def test_pool_exhaustion(client: httpx.AsyncClient, demo_token: str) -> None:
     net = await make_network(client, demo_token)
     await make_subnet(client, demo_token, net["id"], "10.8.0.0/29",
@@ -349,6 +352,7 @@ async def test_delete_in_use(client: httpx.AsyncClient, app: Any, demo_token: st
             assert count == 0
 
 
+@pytest.mark.both_databases
 async def test_pagination_sorting_fields(client: httpx.AsyncClient, demo_token: str) -> None:
     created = [await make_network(client, demo_token, name=f"page-{i}") for i in range(5)]
     seen: list[str] = []
@@ -391,6 +395,7 @@ async def test_bootstrap_demo_network_idempotent(app: Any) -> None:
         assert list(ips) == ["10.0.0.2"]
 
 
+@pytest.mark.both_databases
 async def test_ipam_concurrent_allocations(app: Any) -> None:
     maker = app.state.sessionmaker
     async with maker() as session:
@@ -423,6 +428,7 @@ async def test_ipam_concurrent_allocations(app: Any) -> None:
         assert left == 0
 
 
+@pytest.mark.both_databases
 async def test_ipam_retries_after_stale_read(app: Any) -> None:
     """An address taken after we read the table (a concurrent writer) is skipped, not an error."""
     maker = app.state.sessionmaker
@@ -472,6 +478,7 @@ async def test_tags(client: httpx.AsyncClient, demo_token: str) -> None:
     assert (await client.get(base, headers=h(demo_token))).json() == {"tags": []}
 
 
+@pytest.mark.both_databases
 async def test_quota_exceeded_is_409(app: Any) -> None:
     from cloudland.api.network.quotas import check_quota
 

@@ -77,6 +77,7 @@ def error(r: httpx.Response, code: int, key: str) -> str:
     return body[key]["message"]
 
 
+@pytest.mark.both_databases
 async def test_create_shape_and_rows(client: httpx.AsyncClient, demo_token: str, seed: Seed, app) -> None:  # type: ignore[no-untyped-def]
     r = await create(client, demo_token, seed, metadata={"a": "b"}, security_groups=[{"name": "web"}],
                      user_data=base64.b64encode(b"#!/bin/sh\n").decode(), config_drive=True)
@@ -118,6 +119,7 @@ async def test_show_body_at_21(client: httpx.AsyncClient, demo_token: str, admin
     assert r.json() == {"addresses": server["addresses"]}
 
 
+@pytest.mark.both_databases
 async def test_list_rename_delete(client: httpx.AsyncClient, demo_token: str, seed: Seed, app) -> None:  # type: ignore[no-untyped-def]
     sid = (await create(client, demo_token, seed)).json()["server"]["id"]
     r = await client.get(f"{V21}/servers", headers=auth(demo_token))
@@ -142,6 +144,7 @@ async def test_list_rename_delete(client: httpx.AsyncClient, demo_token: str, se
         assert (await s.scalar(select(func.count()).select_from(Port).where(Port.device_id == sid))) == 0
 
 
+@pytest.mark.both_databases
 async def test_filters_and_paging(client: httpx.AsyncClient, demo_token: str, seed: Seed) -> None:
     r = await create(client, demo_token, seed, name="web", min_count=3, max_count=3)
     assert r.status_code == 202
@@ -165,6 +168,7 @@ async def test_filters_and_paging(client: httpx.AsyncClient, demo_token: str, se
     error(await client.get(f"{V21}/servers?all_tenants=1", headers=auth(demo_token)), 403, "forbidden")
 
 
+@pytest.mark.both_databases
 async def test_isolation(client: httpx.AsyncClient, demo_token: str, admin_token: str, seed: Seed) -> None:
     r = await create(client, admin_token, seed, networks="none")
     assert r.status_code == 202, r.text
@@ -231,6 +235,7 @@ async def test_boot_from_bdm_image_and_keypair(client: httpx.AsyncClient, demo_t
     assert show["server"]["key_name"] == "k" and show["server"]["image"]["id"] == seed.image_id
 
 
+@pytest.mark.both_databases
 async def test_networks_selection(client: httpx.AsyncClient, demo_token: str, seed: Seed, app) -> None:  # type: ignore[no-untyped-def]
     r = await create(client, demo_token, seed, networks="none")
     sid = r.json()["server"]["id"]
@@ -261,6 +266,7 @@ async def test_networks_selection(client: httpx.AsyncClient, demo_token: str, se
     assert message == "Multiple possible networks found, use a Network ID to be more specific."
 
 
+@pytest.mark.both_databases
 async def test_quota_instances(client: httpx.AsyncClient, demo_token: str, seed: Seed) -> None:
     r = await create(client, demo_token, seed, networks="none", min_count=10, max_count=10)
     assert r.status_code == 202, r.text
@@ -274,6 +280,7 @@ async def test_quota_instances(client: httpx.AsyncClient, demo_token: str, seed:
     assert len((await client.get(f"{V21}/servers", headers=auth(demo_token))).json()["servers"]) == 10
 
 
+@pytest.mark.both_databases
 async def test_actions_state_checks(client: httpx.AsyncClient, demo_token: str, seed: Seed, app) -> None:  # type: ignore[no-untyped-def]
     sid = (await create(client, demo_token, seed)).json()["server"]["id"]
     url = f"{V21}/servers/{sid}/action"
@@ -303,3 +310,25 @@ async def test_actions_state_checks(client: httpx.AsyncClient, demo_token: str, 
     # No bus in this app: the console cannot be reached.
     r = await client.post(url, json={"os-getConsoleOutput": {"length": 5}}, headers=h)
     error(r, 503, "serviceUnavailable")
+
+
+@pytest.mark.both_databases
+async def test_changes_since(client: httpx.AsyncClient, demo_token: str, seed: Seed, app) -> None:  # type: ignore[no-untyped-def]
+    """Nova's ``changes-since``: servers updated at or after the time, deleted ones included."""
+    from datetime import timedelta
+
+    old = (await create(client, demo_token, seed, name="old")).json()["server"]["id"]
+    async with app.state.sessionmaker() as s, s.begin():
+        inst = await s.get(Instance, old)
+        assert inst is not None
+        marker_time = inst.updated_at + timedelta(seconds=1)
+        inst.updated_at = inst.updated_at - timedelta(hours=1)
+    new = (await create(client, demo_token, seed, name="new")).json()["server"]["id"]
+    gone = (await create(client, demo_token, seed, name="gone")).json()["server"]["id"]
+    assert (await client.delete(f"{V21}/servers/{gone}", headers=auth(demo_token))).status_code == 204
+    since = (marker_time - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    r = await client.get(f"{V21}/servers/detail", params={"changes-since": since}, headers=auth(demo_token))
+    servers = {srv["id"]: srv["status"] for srv in r.json()["servers"]}
+    assert servers == {new: "BUILD", gone: "DELETED"}
+    r = await client.get(f"{V21}/servers?changes-since=yesterday", headers=auth(demo_token))
+    error(r, 400, "badRequest")

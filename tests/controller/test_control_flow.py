@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from controller_helpers import HOST, Cloud, wait_for  # type: ignore[import-not-found]
 from sqlalchemy import select
 
@@ -13,6 +14,7 @@ async def ports_of(cloud: Cloud, server_id: str) -> list[Port]:
         return list(await s.scalars(select(Port).where(Port.device_id == server_id)))
 
 
+@pytest.mark.both_databases
 async def test_lifecycle(cloud: Cloud) -> None:
     sid = await cloud.create()
     server = await cloud.wait_status(sid, "ACTIVE")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from cloudland.bus.messages import InstanceStatus
 from cloudland.controller.hosts import HostInfo
 from cloudland.controller.instance_status import apply_statuses
 from cloudland.controller.scheduler import claim
 from cloudland.db.models import Instance
+
+pytestmark = pytest.mark.both_databases
 
 
 async def make_instance(app: Any, **values: Any) -> str:

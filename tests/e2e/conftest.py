@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cloudland.allinone.supervisor import read_pid
 from tests.conftest import free_port
 
 BIN = Path(sys.executable).parent
@@ -49,7 +50,7 @@ class RunningCloud:
                               text=True, capture_output=True, timeout=timeout)
 
     def agent_pid(self) -> int:
-        return int((self.state_dir / "run" / "agent.pid").read_text())
+        return read_pid(self.state_dir / "run" / "agent.pid") or 0
 
     def instance_dir(self, server_id: str) -> Path:
         return self.state_dir / "agent" / self.host_id / "instances" / server_id

@@ -79,6 +79,7 @@ def test_agent_restart_keeps_guest_running_and_manageable(cloud: RunningCloud) -
     assert guest
 
     old_agent = cloud.agent_pid()
+    assert old_agent > 0  # never os.kill(0, ...): that is the whole process group
     os.kill(old_agent, signal.SIGTERM)
     wait_for(lambda: cloud.agent_pid() != old_agent, what="the supervisor restarting the agent")
     # The guest was not touched, and the cloud still manages it through the new agent.

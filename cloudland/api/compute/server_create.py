@@ -11,7 +11,8 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.api.context import RequestContext
-from cloudland.api.errors import ApiError, bad_request, conflict
+from cloudland.api.errors import ApiError, bad_request, conflict, forbidden
+from cloudland.config import ComputeConfig
 from cloudland.db.models import Flavor, Host, Image, Instance, Keypair, Network, Port
 
 # Nova's default quotas per project.
@@ -42,6 +43,7 @@ class CreateRequest:
     metadata: dict[str, str] = field(default_factory=dict)
     security_groups: list[str] = field(default_factory=list)
     availability_zone: str | None = None
+    requested_host: str | None = None  # admin only: "zone:host" forces the host
     config_drive: bool = False
 
 
@@ -220,16 +222,29 @@ async def _networks(session: AsyncSession, ctx: RequestContext, value: Any, coun
     return requests
 
 
-async def _availability_zone(session: AsyncSession, value: Any) -> str | None:
+async def _availability_zone(session: AsyncSession, ctx: RequestContext,
+                             value: Any) -> tuple[str | None, str | None]:
+    """(zone, forced host) from Nova's ``zone``, ``zone:host`` or ``zone:host:node``."""
     if value in (None, ""):
-        return None
-    zone = str(value).split(":", 1)[0]
+        return None, None
+    zone, _, rest = str(value).partition(":")
+    host = rest.split(":", 1)[0] or None
+    if host is not None:
+        if not ctx.is_admin:
+            raise forbidden("Policy doesn't allow os_compute_api:servers:create:forced_host to be performed.")
+        found = await session.get(Host, host)
+        if found is None:
+            raise bad_request(f"Compute host {host} could not be found.")
+        if zone and zone != "nova" and found.zone != zone:
+            raise bad_request("The requested availability zone is not available")
+    if not zone:
+        return None, host
     if zone == "nova":
-        return zone
+        return zone, host
     known = (await session.execute(select(Host.id).where(Host.zone == zone).limit(1))).first()
     if known is None:
         raise bad_request("The requested availability zone is not available")
-    return zone
+    return zone, host
 
 
 async def parse_create(session: AsyncSession, ctx: RequestContext, payload: Any) -> CreateRequest:
@@ -242,6 +257,7 @@ async def parse_create(session: AsyncSession, ctx: RequestContext, payload: Any)
     if min_count > max_count:
         raise bad_request("min_count must be <= max_count")
     keypair = await _keypair(session, ctx, body.get("key_name"))
+    zone, requested_host = await _availability_zone(session, ctx, body.get("availability_zone"))
     return CreateRequest(
         name=_name(body),
         flavor=await _flavor(session, ctx, body.get("flavorRef")),
@@ -254,21 +270,28 @@ async def parse_create(session: AsyncSession, ctx: RequestContext, payload: Any)
         user_data=_user_data(body.get("user_data")),
         metadata=_metadata(body.get("metadata")),
         security_groups=_security_groups(body.get("security_groups")),
-        availability_zone=await _availability_zone(session, body.get("availability_zone")),
+        availability_zone=zone,
+        requested_host=requested_host,
         config_drive=_config_drive(body.get("config_drive")),
     )
 
 
-async def allowed_count(session: AsyncSession, project_id: str, req: CreateRequest) -> int:
-    """How many of the requested servers fit the project's quota (Nova: as many as possible)."""
+async def allowed_count(session: AsyncSession, project_id: str, req: CreateRequest,
+                        quotas: ComputeConfig | None = None) -> int:
+    """How many of the requested servers fit the project's quota (Nova: as many as possible).
+    ``quotas``: the configured limits (``compute.quota_*``, negative: unlimited); default Nova's."""
+    q_instances, q_cores, q_ram = ((quotas.quota_instances, quotas.quota_cores, quotas.quota_ram)
+                                   if quotas else (QUOTA_INSTANCES, QUOTA_CORES, QUOTA_RAM))
+    if q_instances < 0 and q_cores < 0 and q_ram < 0:
+        return req.max_count
     count, cores, ram = (await session.execute(
         select(func.count(Instance.id),
                func.coalesce(func.sum(Instance.flavor["vcpus"].as_integer()), 0),
                func.coalesce(func.sum(Instance.flavor["ram"].as_integer()), 0))
         .where(Instance.project_id == project_id, Instance.deleted_at.is_(None)))).one()
-    limits = [("instances", 1, count, QUOTA_INSTANCES),
-              ("cores", req.flavor.vcpus, cores, QUOTA_CORES),
-              ("ram", req.flavor.ram, ram, QUOTA_RAM)]
+    limits = [(name, per, used, limit) for name, per, used, limit in (
+        ("instances", 1, count, q_instances), ("cores", req.flavor.vcpus, cores, q_cores),
+        ("ram", req.flavor.ram, ram, q_ram)) if limit >= 0]
     fits = req.max_count
     for _, per, used, limit in limits:
         if per > 0:
@@ -306,7 +329,8 @@ async def create_instances(session: AsyncSession, ctx: RequestContext, req: Crea
             flavor_id=req.flavor.id, flavor=flavor_copy(req.flavor),
             key_name=req.key_name, key_data=req.key_data, user_data=req.user_data,
             config_drive=req.config_drive, metadata_=req.metadata,
-            availability_zone=req.availability_zone, security_groups=req.security_groups,
+            availability_zone=req.availability_zone, requested_host=req.requested_host,
+            security_groups=req.security_groups,
             preserved_port_ids=[n.port.id for n in req.networks if n.port is not None],
             vm_state="building", task_state="scheduling", power_state=0, desired_power="running")
         session.add(inst)

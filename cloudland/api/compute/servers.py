@@ -6,6 +6,7 @@ The API only writes desired state (and ports); the controller schedules and conv
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -65,6 +66,18 @@ def _status_clause(status: str) -> ColumnElement[bool] | None:
     return Instance.vm_state == vm_state if vm_state else None
 
 
+def _changes_since(raw: str | None) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.strip().replace("Z", "+00:00").replace(" ", "+"))
+    except ValueError:
+        raise bad_request(f"Invalid input for query parameters changes-since. Value: {raw}.")
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
 def _limit(params: dict[str, str]) -> int:
     raw = params.get("limit")
     if raw is None:
@@ -81,7 +94,12 @@ def _limit(params: dict[str, str]) -> int:
 async def _list(request: Request, session: AsyncSession, ctx: RequestContext,
                 detail: bool) -> dict[str, Any]:
     params = dict(request.query_params)
-    query = select(Instance).where(Instance.deleted_at.is_(None))
+    changes_since = _changes_since(params.get("changes-since"))
+    if changes_since is None:
+        query = select(Instance).where(Instance.deleted_at.is_(None))
+    else:
+        # Nova: servers changed since then, deleted ones included (status DELETED).
+        query = select(Instance).where(Instance.updated_at >= changes_since)
     all_tenants = params.get("all_tenants")
     if all_tenants is not None and all_tenants.lower() not in ("0", "false", "off", "no"):
         if not ctx.is_admin:
@@ -157,7 +175,8 @@ async def create_server(request: Request, ctx: RequestContext = Depends(require_
     payload = await _json(request)
     async with session.begin():
         req = await server_create.parse_create(session, ctx, payload)
-        count = await server_create.allowed_count(session, project_id, req)
+        count = await server_create.allowed_count(session, project_id, req,
+                                                  request.app.state.config.compute)
         instances = await server_create.create_instances(session, ctx, req, count)
     await wake_controller(request, [i.id for i in instances])
     first = instances[0]

@@ -117,12 +117,14 @@ async def allocate(session: AsyncSession, port: Port, subnet: Subnet, ip: str | 
         if not await _try_insert(session, port, subnet, ip):
             raise ip_in_use(ip, subnet.id)
         return ip
+    ranges = pool_ranges(subnet)
+    version = ipaddress.ip_network(subnet.cidr).version
+    if sum(end - start + 1 for start, end in ranges) > SMALL_POOL:
+        return await _allocate_windowed(session, port, subnet, ranges, version)
     rows = await session.scalars(select(IpAllocation.ip_address).where(IpAllocation.subnet_id == subnet.id))
     used = {int(ipaddress.ip_address(a)) for a in rows}
     if subnet.gateway_ip:
         used.add(int(ipaddress.ip_address(subnet.gateway_ip)))
-    ranges = pool_ranges(subnet)
-    version = ipaddress.ip_network(subnet.cidr).version
     for _ in range(MAX_ATTEMPTS):
         candidate = first_free(ranges, used)
         if candidate is None:
@@ -131,6 +133,71 @@ async def allocate(session: AsyncSession, port: Port, subnet: Subnet, ip: str | 
         if await _try_insert(session, port, subnet, text):
             return text
         used.add(candidate)  # taken by a concurrent request since we read the table
+    raise exhausted(subnet.network_id)
+
+
+# Pools up to this many addresses are searched whole (lowest free address first); bigger ones
+# from a per-process cursor, a window at a time, so an allocation costs O(window), not O(used).
+SMALL_POOL = 4096
+WINDOW = 256
+# subnet id -> where this process looks next; addresses it handed out and may not see committed yet.
+_cursor: dict[str, int] = {}
+_recent: dict[str, set[int]] = {}
+
+
+def _window(ranges: list[tuple[int, int]], start: int, size: int) -> list[int]:
+    """Up to ``size`` pool addresses from ``start`` on (in pool order, no wrap)."""
+    out: list[int] = []
+    for lo, hi in sorted(ranges):
+        if hi < start:
+            continue
+        a = max(lo, start)
+        while a <= hi and len(out) < size:
+            out.append(a)
+            a += 1
+        if len(out) >= size:
+            break
+    return out
+
+
+async def _allocate_windowed(session: AsyncSession, port: Port, subnet: Subnet,
+                             ranges: list[tuple[int, int]], version: int) -> str:
+    """A free address of a big pool: candidates are the next window after this process's cursor,
+    minus the ones taken (one indexed query per window); one is picked at random, so concurrent
+    requests (also from other API processes) rarely want the same row. Past the pool's end the
+    cursor starts over from its beginning, which finds released addresses again."""
+    def text(a: int) -> str:
+        return str(ipaddress.IPv4Address(a) if version == 4 else ipaddress.IPv6Address(a))
+
+    gateway = int(ipaddress.ip_address(subnet.gateway_ip)) if subnet.gateway_ip else None
+    pool_start = min(lo for lo, _ in ranges)
+    start = _cursor.get(subnet.id, pool_start)
+    recent = _recent.setdefault(subnet.id, set())
+    wrapped = False
+    attempts = 0
+    while attempts < MAX_ATTEMPTS:
+        window = [a for a in _window(ranges, start, WINDOW) if a != gateway]
+        if not window:
+            if wrapped:
+                break
+            wrapped, start = True, pool_start
+            recent.clear()
+            continue
+        by_text = {text(a): a for a in window}
+        taken = set(await session.scalars(select(IpAllocation.ip_address).where(
+            IpAllocation.subnet_id == subnet.id, IpAllocation.ip_address.in_(list(by_text)))))
+        free = [a for t, a in by_text.items() if t not in taken and a not in recent]
+        while free and attempts < MAX_ATTEMPTS:
+            attempts += 1
+            candidate = free.pop(secrets.randbelow(min(len(free), 32)))
+            recent.add(candidate)
+            if await _try_insert(session, port, subnet, text(candidate)):
+                _cursor[subnet.id] = min(free) if free else window[-1] + 1
+                if len(recent) > 4 * WINDOW:
+                    recent.clear()
+                return text(candidate)
+        start = window[-1] + 1
+        _cursor[subnet.id] = start
     raise exhausted(subnet.network_id)
 
 

@@ -6,8 +6,10 @@ take a namespace name. Callers run them in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,6 +20,22 @@ ZERO_MAC = "00:00:00:00:00:00"
 VXLAN_PORT = 4789
 IFA_F_NODAD = 0x02
 _ENODEV = 19
+
+
+def _after_fork_in_child() -> None:
+    """pyroute2 does namespace work (``IPRoute(netns=...)``, ``netns.create``) in forked
+    children and stops them with SIGTERM. Such a child must not run the parent's Python signal
+    handlers: their C half writes the signal number to the inherited asyncio wakeup socket, and
+    the *parent* would then stop as if it had received SIGTERM (the agent or ``cloudland up``
+    exiting with 0 at random)."""
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def netns_path(name: str) -> str:

@@ -99,6 +99,7 @@ def upgrade() -> None:
     sa.Column('config_drive', sa.Boolean(), nullable=False),
     sa.Column('metadata', sa.JSON(), nullable=False),
     sa.Column('availability_zone', sa.String(length=255), nullable=True),
+    sa.Column('requested_host', sa.String(length=255), nullable=True),
     sa.Column('host', sa.String(length=255), nullable=True),
     sa.Column('vm_state', sa.String(length=32), nullable=False),
     sa.Column('task_state', sa.String(length=32), nullable=True),

@@ -1,0 +1,151 @@
+"""Several hypervisors on one machine (the dev/test topology of ``cloudland up --hypervisors N``).
+
+Each hypervisor is a network namespace ``clhv-<host_id>`` with one veth (``underlay`` inside)
+into a bridge ``clu<tag>`` in the root namespace. The bridge has the first address of
+``allinone.underlay_cidr`` (the agents reach NATS and the API there), hypervisor k the
+(k+1)-th (its ``agent.underlay_address``, the VXLAN endpoint). Everything is built with
+pyroute2 and idempotently; ``destroy`` removes it, the hypervisors' DHCP namespaces and
+their dnsmasq processes included. Blocking functions: run them in a thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute, netns
+
+from cloudland.agent.drivers.network import names, netlink
+from cloudland.config import Config
+
+log = logging.getLogger(__name__)
+
+UNDERLAY_IFNAME = "underlay"
+
+
+@dataclass(frozen=True)
+class Hypervisor:
+    host_id: str
+    netns: str
+    address: str  # underlay address inside the namespace
+    veth: str  # root end of its underlay veth
+    state_dir: Path  # the agent's state directory
+
+    @property
+    def netns_path(self) -> str:
+        return netlink.netns_path(self.netns)
+
+
+@dataclass(frozen=True)
+class Topology:
+    bridge: str
+    gateway: ipaddress.IPv4Interface  # root side: NATS and the API listen on its address
+    hypervisors: list[Hypervisor]
+
+    @property
+    def gateway_ip(self) -> str:
+        return str(self.gateway.ip)
+
+
+def host_ids(config: Config) -> list[str]:
+    """The ids of the all-in-one's hypervisors: the configured one, or ``<id>-1 … <id>-N``."""
+    base = config.host_id()
+    n = config.allinone.hypervisors
+    return [base] if n == 1 else [f"{base}-{k}" for k in range(1, n + 1)]
+
+
+def plan(config: Config) -> Topology | None:
+    """The namespaces, names and addresses for ``config``; None for a single hypervisor."""
+    n = config.allinone.hypervisors
+    if n == 1:
+        return None
+    net = ipaddress.ip_network(config.allinone.underlay_cidr)
+    if net.version != 4 or net.num_addresses < n + 3:
+        raise ValueError(f"allinone.underlay_cidr {net} is not an IPv4 network with room for {n} hosts")
+    tag = hashlib.sha256(str(config.state_dir.resolve()).encode()).hexdigest()[:6]
+    hosts = []
+    for k, host_id in enumerate(host_ids(config), start=1):
+        names.check_id(host_id, "host id")
+        hosts.append(Hypervisor(host_id=host_id, netns=f"clhv-{host_id}", address=str(net[1 + k]),
+                                veth=f"clu{tag}h{k}", state_dir=config.agent_state_dir(host_id)))
+    return Topology(bridge=f"clu{tag}", gateway=ipaddress.IPv4Interface((net[1], net.prefixlen)),
+                    hypervisors=hosts)
+
+
+def _ensure_address(ipr: IPRoute, index: int, iface: ipaddress.IPv4Interface) -> None:
+    have = {(a.get("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=2)}
+    if (str(iface.ip), iface.network.prefixlen) not in have:
+        ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+
+
+def build(topo: Topology) -> None:
+    """Create whatever is missing: the bridge, the namespaces, the veths and addresses."""
+    with IPRoute() as ipr:
+        br = netlink.link_index(ipr, topo.bridge)
+        if br is None:
+            ipr.link("add", ifname=topo.bridge, kind="bridge")
+            br = netlink.link_index(ipr, topo.bridge)
+            assert br is not None
+        _ensure_address(ipr, br, topo.gateway)
+        ipr.link("set", index=br, state="up")
+        for hv in topo.hypervisors:
+            netlink.ensure_netns(hv.netns)
+            index = netlink.link_index(ipr, hv.veth)
+            if index is None:
+                with IPRoute(netns=hv.netns, flags=0) as nsr:
+                    netlink.delete_link(nsr, UNDERLAY_IFNAME)
+                ipr.link("add", ifname=hv.veth, kind="veth",
+                         peer={"ifname": UNDERLAY_IFNAME, "net_ns_fd": hv.netns})
+                index = netlink.link_index(ipr, hv.veth)
+                assert index is not None
+            ipr.link("set", index=index, master=br, state="up")
+            with IPRoute(netns=hv.netns, flags=0) as nsr:
+                lo = netlink.link_index(nsr, "lo")
+                assert lo is not None
+                nsr.link("set", index=lo, state="up")
+                inner = netlink.link_index(nsr, UNDERLAY_IFNAME)
+                if inner is None:
+                    raise RuntimeError(f"{UNDERLAY_IFNAME} missing in namespace {hv.netns}")
+                plen = topo.gateway.network.prefixlen
+                _ensure_address(nsr, inner, ipaddress.IPv4Interface((hv.address, plen)))
+                nsr.link("set", index=inner, state="up")
+
+
+def stop_dhcp(hv: Hypervisor) -> None:
+    """Kill the hypervisor's dnsmasq processes and remove its DHCP namespaces (the agent's
+    saved network specs stay: the next start rebuilds from them)."""
+    from cloudland.agent.drivers.network import dnsmasq
+    from cloudland.agent.factory import host_tag
+
+    dhcp_root = hv.state_dir / "network" / "dhcp"
+    if dhcp_root.is_dir():
+        for directory in dhcp_root.iterdir():
+            files = dnsmasq.DhcpFiles(directory)
+            found = dnsmasq.running(files)
+            if found is not None:
+                os.kill(found[0], signal.SIGTERM)
+                files.pid.unlink(missing_ok=True)
+    prefix = names.dhcp_netns_prefix(host_tag(hv.host_id))
+    for ns in netns.listnetns():
+        if ns.startswith(prefix):
+            netns.remove(ns)
+
+
+def destroy(topo: Topology) -> None:
+    """Remove the namespaces (with every device in them), the DHCP namespaces and the bridge."""
+    for hv in topo.hypervisors:
+        stop_dhcp(hv)
+        netlink.remove_netns(hv.netns)
+    with IPRoute() as ipr:
+        for hv in topo.hypervisors:
+            netlink.delete_link(ipr, hv.veth)
+        netlink.delete_link(ipr, topo.bridge)
+
+
+def exists(topo: Topology) -> bool:
+    return any(hv.netns in netns.listnetns() for hv in topo.hypervisors)

@@ -1,0 +1,1 @@
+"""Benchmarks that drive a whole Cloudland: ``cloudland bench scale`` (docs/scale.md)."""

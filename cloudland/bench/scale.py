@@ -1,0 +1,533 @@
+"""``cloudland bench scale``: the whole control plane against many simulated hypervisors.
+
+Builds a NATS tree (core ← zone leaf ← rack leaves), starts simulated hypervisor processes on
+the racks, the controller and API worker processes, launches ``vms`` servers through the HTTP
+API from many concurrent clients (admin, spread over projects with their own networks), and
+measures. The figures and their JSON names are documented in docs/scale.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import nats
+import tomli_w
+
+from cloudland.bench.http import Connection
+from cloudland.bus import subjects
+from cloudland.bus.topology import NatsTree
+from cloudland.controller.stats import percentiles
+
+V21 = "/compute/v2.1"
+LOCAL_POSTGRES = "local-postgres"
+
+
+@dataclass
+class ScaleOptions:
+    hypervisors: int = 1000
+    vms: int = 20000
+    rate: float = 0.0  # creates per second; 0 = as fast as the clients go
+    db: str = ""  # "" SQLite in the work dir; "local-postgres" starts one; else a URL
+    json_path: Path | None = None
+    work_dir: Path | None = None
+    api_workers: int = 2
+    clients: int = 64
+    projects: int = 0  # 0: one per 2,000 VMs (at least 4)
+    hosts_per_rack: int = 1000
+    hosts_per_process: int = 0  # 0: about hypervisors / 4
+    kill_group: int = 100
+    heartbeat_seconds: float = 2.0
+    host_down_seconds: float = 10.0
+    timeout: float = 1800.0
+    keep: bool = False
+    log: Any = print
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    cpu_start: float = 0.0
+
+    def cpu(self) -> float:
+        return proc_cpu(self.popen.pid)
+
+    def peak_rss_mb(self) -> float:
+        return proc_peak_rss_mb(self.popen.pid)
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a live process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+@dataclass
+class Launch:
+    sent: dict[str, float] = field(default_factory=dict)  # server id -> wall time the POST was sent
+    active: dict[str, float] = field(default_factory=dict)  # server id -> launched_at (wall)
+    errors: set[str] = field(default_factory=set)
+    rejected: int = 0
+    rejections: dict[int, int] = field(default_factory=dict)
+    first_sent: float = 0.0
+    last_sent: float = 0.0
+
+
+class ScaleBench:
+    def __init__(self, opts: ScaleOptions) -> None:
+        self.o = opts
+        self.work = opts.work_dir or Path(tempfile.mkdtemp(prefix="cloudland-scale-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.logs = self.work / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.procs: list[Proc] = []
+        self.sims: list[Proc] = []
+        self.tree: NatsTree | None = None
+        self.pg: Any = None
+        self.port = 0
+        self.figures: dict[str, Any] = {}
+        self.projects: list[tuple[str, str]] = []  # (project id, network id)
+        self.image_id = ""
+        self.nc: Any = None
+        self.kill_hosts: list[str] = []
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def database_url(self) -> str:
+        if self.o.db == LOCAL_POSTGRES:
+            from cloudland.db.local_postgres import LocalPostgres
+
+            self.pg = LocalPostgres(self.work / "postgres")
+            self.pg.start()
+            return self.pg.create_database("cloudland")
+        if self.o.db.startswith("postgresql://"):
+            return "postgresql+asyncpg://" + self.o.db.removeprefix("postgresql://")
+        return self.o.db or f"sqlite+aiosqlite:///{self.work / 'state' / 'cloudland.db'}"
+
+    def write_config(self, db_url: str, nats_url: str) -> Path:
+        (self.work / "state").mkdir(exist_ok=True)
+        data = {"state_dir": str(self.work / "state"),
+                "api": {"listen_port": self.port, "public_url": f"http://127.0.0.1:{self.port}"},
+                "database": {"url": db_url},
+                "nats": {"url": nats_url, "bundled": False},
+                "compute": {"quota_instances": -1, "quota_cores": -1, "quota_ram": -1},
+                "agent": {"heartbeat_seconds": self.o.heartbeat_seconds},
+                "controller": {"host_down_seconds": self.o.host_down_seconds}}
+        path = self.work / "cloudland.toml"
+        path.write_text(tomli_w.dumps(data))
+        return path
+
+    async def seed(self, config_path: Path) -> str:
+        """Migrate, bootstrap identity, and add the flavor, image, projects and their networks."""
+        from sqlalchemy import select
+
+        from cloudland.api.identity.bootstrap import bootstrap_identity
+        from cloudland.config import load_config
+        from cloudland.db.engine import make_engine, make_sessionmaker
+        from cloudland.db.migrate import upgrade_async
+        from cloudland.db.models import Flavor, Image, Network, Port, Project, Role, RoleAssignment, Subnet
+
+        config = load_config(config_path)
+        await upgrade_async(config.database_url)
+        engine = make_engine(config.database_url)
+        sm = make_sessionmaker(engine)
+        creds = await bootstrap_identity(sm, config)
+        n_projects = self.o.projects or max(4, math.ceil(self.o.vms / 2000))
+        async with sm() as s, s.begin():
+            admin_role = (await s.scalars(select(Role.id).where(Role.name == "admin"))).one()
+            s.add(Flavor(id="bench", name="bench.tiny", vcpus=1, ram=256, disk=1))
+            image = Image(name="bench", status="active", visibility="public", disk_format="qcow2",
+                          container_format="bare", size=1024, os_hash_algo="sha512", os_hash_value="ab" * 64)
+            s.add(image)
+            for i in range(n_projects):
+                project = Project(name=f"bench-{i}", domain_id="default")
+                s.add(project)
+                await s.flush()
+                s.add(RoleAssignment(user_id=creds.admin_user_id, target_type="project", target_id=project.id,
+                                     role_id=admin_role))
+                net = Network(name=f"bench-net-{i}", project_id=project.id, segmentation_id=50000 + i)
+                s.add(net)
+                await s.flush()
+                s.add(Subnet(network_id=net.id, project_id=project.id, cidr=f"10.{i % 250}.0.0/16",
+                             gateway_ip=f"10.{i % 250}.0.1",
+                             allocation_pools=[{"start": f"10.{i % 250}.0.3", "end": f"10.{i % 250}.255.254"}]))
+                s.add(Port(network_id=net.id, project_id=project.id, mac_address=f"fa:16:3e:00:{i >> 8:02x}:{i & 255:02x}",
+                           device_id=f"dhcp-{net.id}", device_owner="network:dhcp"))
+                self.projects.append((project.id, net.id))
+            await s.flush()
+            self.image_id = image.id
+        await engine.dispose()
+        return creds.admin_password
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        # CLOUDLAND_BENCH_PROFILE=controller,api-0: run those under cProfile (<logs>/<name>.prof).
+        profiled = os.environ.get("CLOUDLAND_BENCH_PROFILE", "").split(",")
+        if name in profiled and argv[1] == "-m":
+            argv = [argv[0], "-m", "cProfile", "-o", str(self.logs / f"{name}.prof"), *argv[1:]]
+        out = open(self.logs / f"{name}.log", "ab")
+        popen = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, **(env or {})}, start_new_session=True)
+        out.close()
+        proc = Proc(name, popen)
+        self.procs.append(proc)
+        return proc
+
+    def start_simhosts(self, tree: NatsTree, racks: int) -> None:
+        """One process for the kill group, then chunks of each rack."""
+        h = self.o.hypervisors
+        per_proc = self.o.hosts_per_process or max(100, math.ceil(h / 4))
+        kill = min(self.o.kill_group, max(1, h // 5))
+        chunks: list[tuple[int, int, int]] = []  # (first, count, rack)
+        for r in range(racks):
+            first, end = r * self.o.hosts_per_rack, min(h, (r + 1) * self.o.hosts_per_rack)
+            if r == 0:
+                chunks.append((0, kill, 0))
+                first = kill
+            while first < end:
+                count = min(per_proc, end - first)
+                chunks.append((first, count, r))
+                first += count
+        self.kill_hosts = [f"hv-{i:05d}" for i in range(kill)]
+        for k, (first, count, rack) in enumerate(chunks):
+            url = tree.leaf(f"nova/rack{rack}").url
+            argv = [sys.executable, "-m", "cloudland.bench.simhosts", "--nats", url, "--prefix", "hv",
+                    "--first", str(first), "--count", str(count), "--heartbeat", str(self.o.heartbeat_seconds),
+                    "--connections", str(max(1, min(4, count // 250)))]
+            self.sims.append(self.spawn(f"simhosts-{k}", argv))
+
+    async def wait_ready(self, admin_password: str) -> None:
+        deadline = time.monotonic() + max(120.0, self.o.hypervisors / 50)
+        for proc in self.sims:
+            while True:
+                text = (self.logs / f"{proc.name}.log").read_text(errors="replace")
+                if "ready" in text:
+                    break
+                if proc.popen.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{proc.name} did not start; see {self.logs / (proc.name + '.log')}")
+                await asyncio.sleep(0.2)
+        conn = Connection("127.0.0.1", self.port)
+        while True:
+            with contextlib.suppress(OSError, ValueError, asyncio.IncompleteReadError):
+                status, _, _ = await conn.request("GET", "/healthz")
+                if status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API did not come up")
+            await asyncio.sleep(0.2)
+        conn.close()
+        while True:
+            stats = await self.controller_stats()
+            if stats.get("hosts_up", 0) >= self.o.hypervisors and stats.get("synced", 0) >= self.o.hypervisors:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {stats.get('hosts_up')} of {self.o.hypervisors} hosts came up")
+            await asyncio.sleep(0.5)
+
+    async def controller_stats(self, reset: bool = False) -> dict[str, Any]:
+        assert self.nc is not None
+        try:
+            reply = await self.nc.request(subjects.CONTROLLER_STATS, b"reset" if reset else b"", timeout=10)
+            return dict(json.loads(reply.data))
+        except Exception:
+            return {}
+
+    async def token(self, password: str, project_id: str | None) -> str:
+        scope = ({"project": {"id": project_id}} if project_id
+                 else {"project": {"name": "admin", "domain": {"name": "Default"}}})
+        body = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": "admin", "domain": {"name": "Default"}, "password": password}}}, "scope": scope}}
+        conn = Connection("127.0.0.1", self.port)
+        status, headers, reply = await conn.request("POST", "/identity/v3/auth/tokens", body)
+        conn.close()
+        if status != 201:
+            raise RuntimeError(f"token: {status} {reply}")
+        return headers["x-subject-token"]
+
+    # --- the launch -----------------------------------------------------------------------
+
+    async def launch(self, tokens: list[str], admin_token: str) -> Launch:
+        o = self.o
+        result = Launch()
+        next_index = 0
+        start = time.time()
+        result.first_sent = start
+
+        async def client() -> None:
+            nonlocal next_index
+            conn = Connection("127.0.0.1", self.port)
+            while next_index < o.vms:
+                i = next_index
+                next_index += 1
+                if o.rate > 0:
+                    delay = start + i / o.rate - time.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                project = i % len(self.projects)
+                body = {"server": {"name": f"vm-{i}", "imageRef": self.image_id, "flavorRef": "bench",
+                                   "networks": [{"uuid": self.projects[project][1]}]}}
+                sent = time.time()
+                try:
+                    status, _, reply = await conn.request("POST", f"{V21}/servers", body,
+                                                          {"X-Auth-Token": tokens[project]})
+                except (OSError, asyncio.IncompleteReadError):
+                    status, reply = 0, None
+                    conn.close()
+                if status == 202 and reply:
+                    result.sent[reply["server"]["id"]] = sent
+                else:
+                    result.rejected += 1
+                    result.rejections[status] = result.rejections.get(status, 0) + 1
+                result.last_sent = time.time()
+            conn.close()
+
+        done = asyncio.Event()
+        poller = asyncio.create_task(self.poll(admin_token, result, done))
+        await asyncio.gather(*(client() for _ in range(o.clients)))
+        deadline = time.monotonic() + o.timeout
+        while len(result.active) + len(result.errors) < len(result.sent) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        done.set()
+        await poller
+        return result
+
+    async def poll(self, token: str, result: Launch, done: asyncio.Event) -> None:
+        """Watch changes: ``changes-since`` pages of every server updated since the last poll."""
+        conn = Connection("127.0.0.1", self.port)
+        since = datetime.now(UTC) - timedelta(seconds=5)
+        while not done.is_set():
+            started = datetime.now(UTC)
+            params = {"all_tenants": "1", "limit": "1000",
+                      "changes-since": since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+            marker = None
+            while True:
+                if marker:
+                    params["marker"] = marker
+                status, _, body = await conn.request("GET", f"{V21}/servers/detail", None,
+                                                     {"X-Auth-Token": token}, params)
+                if status != 200:
+                    break
+                servers = body.get("servers", [])
+                for srv in servers:
+                    sid = srv["id"]
+                    if srv["status"] == "ACTIVE" and sid not in result.active:
+                        launched = srv.get("OS-SRV-USG:launched_at")
+                        when = (datetime.fromisoformat(launched).replace(tzinfo=UTC).timestamp()
+                                if launched else time.time())
+                        result.active[sid] = when
+                    elif srv["status"] == "ERROR":
+                        result.errors.add(sid)
+                if len(servers) < 1000:
+                    break
+                marker = servers[-1]["id"]
+            # Rows commit after their updated_at: look back a little.
+            since = started - timedelta(seconds=3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.5)
+        conn.close()
+
+    async def list_latency(self, token: str) -> dict[str, Any]:
+        """Page through every server (1,000 per page, all tenants) and time each page."""
+        conn = Connection("127.0.0.1", self.port)
+        times: list[float] = []
+        total = 0
+        for _ in range(2):
+            marker = None
+            while True:
+                params = {"all_tenants": "1", "limit": "1000"}
+                if marker:
+                    params["marker"] = marker
+                t0 = time.perf_counter()
+                status, _, body = await conn.request("GET", f"{V21}/servers/detail", None,
+                                                     {"X-Auth-Token": token}, params)
+                times.append(time.perf_counter() - t0)
+                if status != 200:
+                    raise RuntimeError(f"list: {status} {body}")
+                servers = body["servers"]
+                total += len(servers)
+                if len(servers) < 1000:
+                    break
+                marker = servers[-1]["id"]
+        conn.close()
+        p = percentiles(times)
+        return {"list_page_median_s": p["p50"], "list_page_p99_s": p["p99"], "list_pages": len(times),
+                "list_servers_seen": total // 2}
+
+    async def down_detection(self) -> float | None:
+        """SIGKILL the kill group's process; seconds until the hosts table says they are all down."""
+        from sqlalchemy import func, select
+
+        from cloudland.config import load_config
+        from cloudland.db.engine import make_engine
+        from cloudland.db.models import Host
+
+        victim = self.sims[0]
+        config = load_config(self.work / "cloudland.toml")
+        engine = make_engine(config.database_url)
+        try:
+            victim.popen.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            while time.monotonic() - killed < 120:
+                async with engine.connect() as conn:
+                    down = await conn.scalar(select(func.count()).select_from(Host).where(
+                        Host.id.in_(self.kill_hosts), Host.status == "down"))
+                if down == len(self.kill_hosts):
+                    return time.monotonic() - killed
+                await asyncio.sleep(0.2)
+            return None
+        finally:
+            await engine.dispose()
+
+    # --- the run --------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        o = self.o
+        t_setup = time.monotonic()
+        db_url = self.database_url()
+        racks = max(2, math.ceil(o.hypervisors / o.hosts_per_rack))
+        self.tree = NatsTree(self.work / "nats", [f"nova/rack{r}" for r in range(racks)])
+        self.tree.start()
+        from cloudland.bus.topology import _free_ports
+
+        self.port = _free_ports(1)[0]
+        config_path = self.write_config(db_url, self.tree.core.url)
+        o.log(f"work dir {self.work}; database {db_url.split('@')[-1]}; NATS core {self.tree.core.url}, "
+              f"{racks} racks")
+        password = await self.seed(config_path)
+        self.nc = await nats.connect(self.tree.core.url)
+        controller = self.spawn("controller", [sys.executable, "-m", "cloudland", "controller",
+                                               "--config", str(config_path)])
+        apis = [self.spawn(f"api-{k}", [sys.executable, "-m", "cloudland.bench.apiworker", str(config_path),
+                                        str(self.port)]) for k in range(o.api_workers)]
+        self.start_simhosts(self.tree, racks)
+        await self.wait_ready(password)
+        setup_seconds = time.monotonic() - t_setup
+        o.log(f"{o.hypervisors} hypervisors up and synced after {setup_seconds:.1f}s; "
+              f"launching {o.vms} servers with {o.clients} clients over {len(self.projects)} projects")
+        tokens = [await self.token(password, pid) for pid, _ in self.projects]
+        admin_token = await self.token(password, None)
+
+        await self.controller_stats(reset=True)
+        cpu0 = {p.name: p.cpu() for p in (controller, *apis)}
+        t0 = time.monotonic()
+        launch = await self.launch(tokens, admin_token)
+        launch_wall = time.monotonic() - t0
+        cpu1 = {p.name: p.cpu() for p in (controller, *apis)}
+        stats = await self.controller_stats()
+
+        latencies = [launch.active[sid] - sent for sid, sent in launch.sent.items() if sid in launch.active]
+        succeeded = len(launch.active)
+        span = (max(launch.active.values()) - launch.first_sent) if launch.active else 0.0
+        lat = percentiles(latencies)
+        api_cpu = sum(cpu1[p.name] - cpu0[p.name] for p in apis)
+        ctl_cpu = cpu1["controller"] - cpu0["controller"]
+        f: dict[str, Any] = {
+            "hypervisors": o.hypervisors, "vms": o.vms, "database": "postgresql" if "postgresql" in db_url
+            else "sqlite", "api_workers": o.api_workers, "clients": o.clients, "projects": len(self.projects),
+            "rate_limit": o.rate,
+            "succeeded": succeeded, "failed": o.vms - succeeded, "errors": len(launch.errors),
+            "rejected": launch.rejected, "rejections": {str(k): v for k, v in launch.rejections.items()},
+            "success_rate": succeeded / o.vms if o.vms else 1.0,
+            "vms_per_second": succeeded / span if span > 0 else 0.0,
+            "create_requests_per_second": len(launch.sent) / max(1e-9, launch.last_sent - launch.first_sent),
+            "create_to_active_p50_s": lat["p50"], "create_to_active_p99_s": lat["p99"],
+            "create_to_active_max_s": lat["max"],
+            "launch_seconds": launch_wall, "setup_seconds": setup_seconds,
+            "controller_cpu_seconds": ctl_cpu, "controller_cpu_percent": 100 * ctl_cpu / launch_wall,
+            "api_cpu_seconds": api_cpu, "api_cpu_percent": 100 * api_cpu / launch_wall,
+            "heartbeat_lag_p50_s": stats.get("heartbeat_lag", {}).get("p50", 0.0),
+            "heartbeat_lag_p99_s": stats.get("heartbeat_lag", {}).get("p99", 0.0),
+            "heartbeat_lag_max_s": stats.get("heartbeat_lag", {}).get("max", 0.0),
+            "controller_pass_p50_s": stats.get("pass_seconds", {}).get("p50", 0.0),
+            "controller_pass_max_s": stats.get("pass_seconds", {}).get("max", 0.0),
+        }
+        o.log(f"launched: {succeeded}/{o.vms} ACTIVE, {f['vms_per_second']:.0f} VMs/s; listing...")
+        f.update(await self.list_latency(admin_token))
+        o.log("killing the kill group...")
+        f["down_group"] = len(self.kill_hosts)
+        f["down_detection_s"] = await self.down_detection()
+        f["controller_peak_rss_mb"] = controller.peak_rss_mb()
+        f["api_peak_rss_mb"] = sum(p.peak_rss_mb() for p in apis)
+        f["api_peak_rss_mb_per_worker"] = max((p.peak_rss_mb() for p in apis), default=0.0)
+        self.figures = f
+        return f
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        for proc in self.procs:
+            if proc.popen.poll() is None:
+                proc.popen.terminate()
+        for proc in self.procs:
+            try:
+                proc.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+        if self.tree is not None:
+            self.tree.stop()
+        if self.pg is not None:
+            self.pg.stop() if self.o.keep else self.pg.remove()
+
+
+def report(f: dict[str, Any]) -> str:
+    def s(v: Any, unit: str = "s") -> str:
+        return "n/a" if v is None else f"{v * 1000:.0f} ms" if unit == "ms" else f"{v:.2f} {unit}"
+
+    return "\n".join([
+        f"hypervisors {f['hypervisors']}, VMs {f['vms']}, database {f['database']}, "
+        f"API workers {f['api_workers']}, clients {f['clients']}, projects {f['projects']}",
+        f"success rate        {100 * f['success_rate']:.3f}% ({f['succeeded']} ACTIVE, {f['errors']} ERROR, "
+        f"{f['rejected']} rejected {f['rejections'] or ''})",
+        f"sustained           {f['vms_per_second']:.1f} VMs/s (create requests "
+        f"{f['create_requests_per_second']:.1f}/s)",
+        f"create -> ACTIVE    p50 {s(f['create_to_active_p50_s'], 'ms')}, p99 {s(f['create_to_active_p99_s'], 'ms')}, "
+        f"max {s(f['create_to_active_max_s'], 'ms')}",
+        f"list page (1,000)   median {s(f['list_page_median_s'], 'ms')}, p99 {s(f['list_page_p99_s'], 'ms')} "
+        f"over {f['list_pages']} pages ({f['list_servers_seen']} servers)",
+        f"controller          CPU {f['controller_cpu_percent']:.0f}% of a core during the launch, "
+        f"peak RSS {f['controller_peak_rss_mb']:.0f} MiB; pass p50 {s(f['controller_pass_p50_s'], 'ms')}, "
+        f"max {s(f['controller_pass_max_s'], 'ms')}",
+        f"API ({f['api_workers']} workers)     CPU {f['api_cpu_percent']:.0f}% of a core, peak RSS "
+        f"{f['api_peak_rss_mb']:.0f} MiB total",
+        f"heartbeat lag       p50 {s(f['heartbeat_lag_p50_s'], 'ms')}, p99 {s(f['heartbeat_lag_p99_s'], 'ms')}, "
+        f"max {s(f['heartbeat_lag_max_s'], 'ms')}",
+        f"down detection      {s(f['down_detection_s'])} for {f['down_group']} killed hypervisors",
+    ])
+
+
+async def run_scale(opts: ScaleOptions) -> dict[str, Any]:
+    bench = ScaleBench(opts)
+    try:
+        figures = await bench.run()
+    finally:
+        await bench.close()
+    if opts.json_path:
+        opts.json_path.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
