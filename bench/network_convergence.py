@@ -190,7 +190,7 @@ def guest_ping() -> None:
             time.sleep(0.1)
         t1 = time.monotonic() - started
         print(f"server create on hv2 -> its first ping to vm1 on hv1 answered: {t2:.1f}s; "
-              f"-> vm1's broadcast ping answered by vm2: {t1:.1f}s (TCG guests, 2 s ping loop)")
+              f"-> vm1's broadcast ping answered by vm2: {t1:.1f}s (TCG guests; the guest pings every ~4 s)")
     finally:
         subprocess.run([str(bin_dir / "cloudland"), "down", "--state-dir", str(state)], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)

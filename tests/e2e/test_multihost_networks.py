@@ -198,13 +198,14 @@ def test_cli_bad_input_is_rejected_and_nothing_half_created(mcloud: MultiHostClo
     subnet = ["subnet", "create", "--network", "net1", "bad", "--subnet-range"]
     port = ["port", "create", "--network", "net1", "bad", "--fixed-ip"]
     for args, error in [
-        ([*subnet, "10.93.0.0/33"], "HttpException: 400"),  # invalid CIDR
+        ([*subnet, "10.93.0.0/33"], "BadRequestException: 400"),  # invalid CIDR
         ([*subnet, "10.93.0.128/25"], "overlaps with another subnet"),
-        ([*port, "ip-address=10.94.0.5"], "HttpException: 400"),  # outside every subnet
-        ([*port, f"ip-address={_v4(S['b'])}"], "HttpException: 409"),  # in use (vm-b's)
+        ([*port, "ip-address=10.94.0.5"], "BadRequestException: 400"),  # outside every subnet
+        ([*port, f"ip-address={_v4(S['b'])}"], "ConflictException: 409"),  # in use (vm-b's)
         (["network", "delete", "net1"], "409"),  # ports on it
     ]:
-        assert error in fails(*args), args
+        stderr = fails(*args)
+        assert error in stderr, (args, stderr)
     assert "bad" not in names("subnet") + names("port")
     assert names("network") == networks
     # A /30 has one address besides the gateway, and the DHCP port holds it: the pool is exhausted.
