@@ -49,3 +49,16 @@ class UrlSigner:
 
 def url_signer(keys_dir: Path) -> UrlSigner:
     return UrlSigner(load_or_create_secret(keys_dir, "url-signing.key"))
+
+
+METADATA_PROXY_KEY = "metadata-proxy.key"
+
+
+def metadata_signature(key: bytes, network_id: str, address: str) -> str:
+    """What the metadata proxy sends and the metadata service checks (Neutron's
+    X-Instance-ID-Signature, but over the network id and the guest's address)."""
+    return hmac.new(key, f"metadata|{network_id}|{address}".encode(), hashlib.sha256).hexdigest()
+
+
+def metadata_key(keys_dir: Path) -> bytes:
+    return load_or_create_secret(keys_dir, METADATA_PROXY_KEY)

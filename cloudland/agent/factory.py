@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import socket
+from pathlib import Path
 
 from cloudland.agent.drivers.compute.base import ComputeDriver
 from cloudland.agent.drivers.network.base import NetworkDriver
 from cloudland.config import Config
+from cloudland.secrets import METADATA_PROXY_KEY, metadata_key
 
 
 def build_drivers(config: Config, host_id: str) -> tuple[ComputeDriver, NetworkDriver]:
@@ -29,10 +31,17 @@ def build_drivers(config: Config, host_id: str) -> tuple[ComputeDriver, NetworkD
         return (
             QemuDriver(state_dir, accel=config.agent.accel),
             LinuxNetworkDriver(
-                state_dir / "network", host_tag=host_tag(host_id), underlay_address=underlay_address(config)
+                state_dir / "network", host_tag=host_tag(host_id), underlay_address=underlay_address(config),
+                metadata_upstream=config.api.agent_url(), metadata_key_file=metadata_key_file(config),
             ),
         )
     raise ValueError(f"unknown compute driver {config.agent.compute_driver!r}")
+
+
+def metadata_key_file(config: Config) -> Path:
+    """The metadata proxies' signing key; shared with the API (copy it to other machines)."""
+    metadata_key(config.keys_dir)  # created on first use, like the API does
+    return config.keys_dir / METADATA_PROXY_KEY
 
 
 def host_tag(host_id: str) -> str:

@@ -16,6 +16,7 @@ import secrets
 import time
 from typing import Any
 
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -43,6 +44,8 @@ from cloudland.bus.messages import (
     InstanceState,
     InstanceStatus,
     Message,
+    NetworkPeers,
+    NetworkSpec,
     Resources,
     decode,
     encode,
@@ -83,6 +86,9 @@ class AgentService:
         self.nc: Client | None = None
         self._shared_nc = nc
         self._subs: list[Subscription] = []
+        # Networks this host carries: the last spec applied, and the peers subscription.
+        self._net_specs: dict[str, NetworkSpec] = {}
+        self._net_subs: dict[str, Subscription] = {}
         # Last reported status of every instance this host has (never "absent").
         self._status: dict[str, InstanceStatus] = {}
         # Per key ("instance:<id>" / "network:<id>"): the newest command not yet started,
@@ -127,10 +133,11 @@ class AgentService:
         """Stop listening and release the drivers; guests keep running."""
         if self._heartbeat_task:
             self._heartbeat_task.cancel()
-        for sub in self._subs:
+        for sub in [*self._subs, *self._net_subs.values()]:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs = []
+        self._net_subs = {}
         # An interrupted command is harmless: the controller re-sends it, and it is idempotent.
         tasks = [t for t in (self._heartbeat_task, *self._workers.values(), *self._tasks) if t]
         for t in tasks:
@@ -240,12 +247,48 @@ class AgentService:
             return
         try:
             if isinstance(cmd, EnsureNetwork):
+                # Recorded first: a peer list arriving meanwhile applies to this spec, not an older one.
+                self._net_specs[cmd.spec.id] = cmd.spec
+                await self._follow_peers(cmd.spec.id, True)
                 await self.network.ensure_network(cmd.spec)
             else:
+                self._net_specs.pop(cmd.network_id, None)
+                await self._follow_peers(cmd.network_id, False)
                 await self.network.remove_network(cmd.network_id)
         except Exception:
             # No per-network report exists: the controller sees the network list in HostState.
             log.exception("%s failed", type(cmd).__name__)
+
+    async def _follow_peers(self, network_id: str, follow: bool) -> None:
+        """Subscribe to the network's peer lists while this host carries it."""
+        sub = self._net_subs.get(network_id)
+        if follow and sub is None and self.nc is not None:
+            self._net_subs[network_id] = await self.nc.subscribe(
+                subjects.network_peers(network_id), cb=self._on_peers)
+        elif not follow and sub is not None:
+            del self._net_subs[network_id]
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _on_peers(self, msg: Msg) -> None:
+        try:
+            update = decode(msg.data)
+        except Exception as e:
+            log.error("undecodable message on %s: %s", msg.subject, e)
+            return
+        if not isinstance(update, NetworkPeers):
+            return
+        peers = sorted(a for a in set(update.addresses) if a != self.address)
+        key = f"network:{update.network_id}"
+        waiting = self._pending.get(key)
+        if isinstance(waiting, EnsureNetworkAbsent):
+            return
+        if isinstance(waiting, EnsureNetwork):  # a newer spec is queued: give it these peers
+            self._pending[key] = EnsureNetwork(spec=msgspec.structs.replace(waiting.spec, peers=peers))
+            return
+        spec = self._net_specs.get(update.network_id)
+        if spec is not None and spec.peers != peers:
+            self.submit(key, EnsureNetwork(spec=msgspec.structs.replace(spec, peers=peers)))
 
     async def _ensure_instance(self, spec: InstanceSpec) -> None:
         iid = spec.id

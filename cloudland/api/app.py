@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cloudland.api import compute, identity, image, internal, network
+from cloudland.api import compute, identity, image, internal, metadata, network
 from cloudland.api.errors import ApiError, render_error
 from cloudland.bus.connection import connect
 from cloudland.config import Config
@@ -35,7 +35,7 @@ def create_app(config: Config, *, connect_bus: bool = True) -> FastAPI:
         app.state.engine = engine
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.bus = await connect(config.nats.url, "cloudland-api") if connect_bus else None
-        for service in (identity, compute, image, network, internal):
+        for service in (identity, compute, image, network, internal, metadata):
             await service.setup(app, config)
         try:
             yield
@@ -85,7 +85,7 @@ def create_app(config: Config, *, connect_bus: bool = True) -> FastAPI:
     async def healthz() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    for service in (identity, compute, image, network, internal):
+    for service in (identity, compute, image, network, internal, metadata):
         app.include_router(service.router)
     compute.versions.install_microversions(app)
     return app

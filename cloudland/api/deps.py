@@ -16,8 +16,11 @@ async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-async def wake_controller(request: Request, instance_ids: list[str]) -> None:
-    """Tell the controllers desired state changed; they would find it on their next pass anyway."""
+async def wake_controller(request: Request, instance_ids: list[str],
+                          network_ids: list[str] | None = None) -> None:
+    """Tell the controllers desired state changed; they would find it on their next pass anyway
+    (except for security group changes: ``network_ids`` whose member hosts need a new spec)."""
     bus = request.app.state.bus
     if bus is not None and bus.is_connected:
-        await bus.publish(subjects.CONTROLLER_WAKE, encode(Wake(instance_ids=instance_ids)))
+        await bus.publish(subjects.CONTROLLER_WAKE,
+                          encode(Wake(instance_ids=instance_ids, network_ids=network_ids or [])))

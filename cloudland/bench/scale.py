@@ -45,7 +45,8 @@ class ScaleOptions:
     work_dir: Path | None = None
     api_workers: int = 2
     clients: int = 64
-    projects: int = 0  # 0: one per 2,000 VMs (at least 4)
+    projects: int = 0  # 0: one per 10 networks, 4 to 50
+    vms_per_network: int = 50  # tenant networks span about this many hypervisors
     hosts_per_rack: int = 1000
     hosts_per_process: int = 0  # 0: about hypervisors / 4
     kill_group: int = 100
@@ -76,6 +77,25 @@ def proc_cpu(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def self_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def proc_peak_rss_mb(pid: int) -> float:
@@ -112,7 +132,8 @@ class ScaleBench:
         self.pg: Any = None
         self.port = 0
         self.figures: dict[str, Any] = {}
-        self.projects: list[tuple[str, str]] = []  # (project id, network id)
+        self.projects: list[str] = []
+        self.networks: list[tuple[int, str]] = []  # (index into projects, network id)
         self.image_id = ""
         self.nc: Any = None
         self.kill_hosts: list[str] = []
@@ -158,7 +179,9 @@ class ScaleBench:
         engine = make_engine(config.database_url)
         sm = make_sessionmaker(engine)
         creds = await bootstrap_identity(sm, config)
-        n_projects = self.o.projects or max(4, math.ceil(self.o.vms / 2000))
+        n_networks = max(4, math.ceil(self.o.vms / self.o.vms_per_network))
+        n_projects = self.o.projects or min(50, max(4, n_networks // 10))
+        small = math.ceil(self.o.vms / n_networks) <= 200
         async with sm() as s, s.begin():
             admin_role = (await s.scalars(select(Role.id).where(Role.name == "admin"))).one()
             s.add(Flavor(id="bench", name="bench.tiny", vcpus=1, ram=256, disk=1))
@@ -171,15 +194,26 @@ class ScaleBench:
                 await s.flush()
                 s.add(RoleAssignment(user_id=creds.admin_user_id, target_type="project", target_id=project.id,
                                      role_id=admin_role))
-                net = Network(name=f"bench-net-{i}", project_id=project.id, segmentation_id=50000 + i)
+                self.projects.append(project.id)
+            for i in range(n_networks):
+                project_id = self.projects[i % n_projects]
+                net = Network(name=f"bench-net-{i}", project_id=project_id, segmentation_id=50000 + i)
                 s.add(net)
                 await s.flush()
-                s.add(Subnet(network_id=net.id, project_id=project.id, cidr=f"10.{i % 250}.0.0/16",
-                             gateway_ip=f"10.{i % 250}.0.1",
-                             allocation_pools=[{"start": f"10.{i % 250}.0.3", "end": f"10.{i % 250}.255.254"}]))
-                s.add(Port(network_id=net.id, project_id=project.id, mac_address=f"fa:16:3e:00:{i >> 8:02x}:{i & 255:02x}",
-                           device_id=f"dhcp-{net.id}", device_owner="network:dhcp"))
-                self.projects.append((project.id, net.id))
+                if small:  # 10.x.y.0/24
+                    b = f"10.{i // 250 % 250}.{i % 250}"
+                    cidr, gateway, first, last = f"{b}.0/24", f"{b}.1", f"{b}.3", f"{b}.254"
+                else:  # 10.x.0.0/16
+                    b = f"10.{i % 250}"
+                    cidr, gateway, first, last = f"{b}.0.0/16", f"{b}.0.1", f"{b}.0.3", f"{b}.255.254"
+                s.add(Subnet(network_id=net.id, project_id=project_id, cidr=cidr, gateway_ip=gateway,
+                             allocation_pools=[{"start": first, "end": last}]))
+                s.add(Port(network_id=net.id, project_id=project_id, device_id=f"dhcp-{net.id}",
+                           mac_address=f"fa:16:3e:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}",
+                           device_owner="network:dhcp"))
+                self.networks.append((i % n_projects, net.id))
+                if i % 1000 == 999:
+                    await s.flush()
             await s.flush()
             self.image_id = image.id
         await engine.dispose()
@@ -217,7 +251,8 @@ class ScaleBench:
         for k, (first, count, rack) in enumerate(chunks):
             url = tree.leaf(f"nova/rack{rack}").url
             argv = [sys.executable, "-m", "cloudland.bench.simhosts", "--nats", url, "--prefix", "hv",
-                    "--first", str(first), "--count", str(count), "--heartbeat", str(self.o.heartbeat_seconds),
+                    "--first", str(first), "--count", str(count),
+                    "--heartbeat", str(self.o.heartbeat_seconds),
                     "--connections", str(max(1, min(4, count // 250)))]
             self.sims.append(self.spawn(f"simhosts-{k}", argv))
 
@@ -243,7 +278,8 @@ class ScaleBench:
         conn.close()
         while True:
             stats = await self.controller_stats()
-            if stats.get("hosts_up", 0) >= self.o.hypervisors and stats.get("synced", 0) >= self.o.hypervisors:
+            h = self.o.hypervisors
+            if stats.get("hosts_up", 0) >= h and stats.get("synced", 0) >= h:
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {stats.get('hosts_up')} of {self.o.hypervisors} hosts came up")
@@ -257,11 +293,14 @@ class ScaleBench:
         except Exception:
             return {}
 
-    async def token(self, password: str, project_id: str | None) -> str:
+    async def token(self, password: str, project_id: str | None, rescope: str = "") -> str:
+        """Admin's token for a project (rescoping ``rescope`` skips the password hash)."""
         scope = ({"project": {"id": project_id}} if project_id
                  else {"project": {"name": "admin", "domain": {"name": "Default"}}})
-        body = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
-            "name": "admin", "domain": {"name": "Default"}, "password": password}}}, "scope": scope}}
+        user = {"name": "admin", "domain": {"name": "Default"}, "password": password}
+        identity: dict[str, Any] = ({"methods": ["token"], "token": {"id": rescope}} if rescope
+                                    else {"methods": ["password"], "password": {"user": user}})
+        body = {"auth": {"identity": identity, "scope": scope}}
         conn = Connection("127.0.0.1", self.port)
         status, headers, reply = await conn.request("POST", "/identity/v3/auth/tokens", body)
         conn.close()
@@ -288,9 +327,9 @@ class ScaleBench:
                     delay = start + i / o.rate - time.time()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                project = i % len(self.projects)
+                project, network_id = self.networks[i % len(self.networks)]
                 body = {"server": {"name": f"vm-{i}", "imageRef": self.image_id, "flavorRef": "bench",
-                                   "networks": [{"uuid": self.projects[project][1]}]}}
+                                   "networks": [{"uuid": network_id}]}}
                 sent = time.time()
                 try:
                     status, _, reply = await conn.request("POST", f"{V21}/servers", body,
@@ -310,7 +349,9 @@ class ScaleBench:
         poller = asyncio.create_task(self.poll(admin_token, result, done))
         await asyncio.gather(*(client() for _ in range(o.clients)))
         deadline = time.monotonic() + o.timeout
-        while len(result.active) + len(result.errors) < len(result.sent) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if len(result.active) + len(result.errors) >= len(result.sent):
+                break
             await asyncio.sleep(0.2)
         done.set()
         await poller
@@ -320,10 +361,18 @@ class ScaleBench:
         """Watch changes: ``changes-since`` pages of every server updated since the last poll."""
         conn = Connection("127.0.0.1", self.port)
         since = datetime.now(UTC) - timedelta(seconds=5)
+        progress_at, seen = time.monotonic(), 0
         while not done.is_set():
             started = datetime.now(UTC)
             params = {"all_tenants": "1", "limit": "1000",
                       "changes-since": since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+            if len(result.active) + len(result.errors) != seen:
+                progress_at, seen = time.monotonic(), len(result.active) + len(result.errors)
+            elif time.monotonic() - progress_at > 5 and result.last_sent:
+                # A row whose transaction committed long after its updated_at was missed:
+                # catch up once with a full listing (rare; the launch has stalled anyway).
+                params = {"all_tenants": "1", "limit": "1000"}
+                progress_at = time.monotonic()
             marker = None
             while True:
                 if marker:
@@ -345,8 +394,8 @@ class ScaleBench:
                 if len(servers) < 1000:
                     break
                 marker = servers[-1]["id"]
-            # Rows commit after their updated_at: look back a little.
-            since = started - timedelta(seconds=3)
+            # Rows commit after their updated_at (set at flush): look back.
+            since = started - timedelta(seconds=10)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), 0.5)
         conn.close()
@@ -403,6 +452,29 @@ class ScaleBench:
         finally:
             await engine.dispose()
 
+    def cpu_by_role(self) -> dict[str, dict[int, float]]:
+        """CPU seconds so far of every process, by role (for where the machine's CPU went)."""
+        roles: dict[str, dict[int, float]] = {"api": {}, "controller": {}, "simhosts": {}, "nats": {},
+                                              "postgres": {}}
+        for proc in self.procs:
+            role = proc.name.split("-")[0]
+            roles.setdefault(role, {})[proc.popen.pid] = proc.cpu()
+        if self.tree is not None:
+            roles["nats"] = {p.pid: proc_cpu(p.pid) for p in self.tree.processes.values()}
+        if self.pg is not None:
+            pid_file = self.pg.data_dir / "postmaster.pid"
+            with contextlib.suppress(OSError, ValueError):
+                master = int(pid_file.read_text().split()[0])
+                roles["postgres"] = {pid: proc_cpu(pid) for pid in [master, *_children(master)]}
+        roles["bench_client"] = {0: self_cpu()}
+        return roles
+
+    @staticmethod
+    def cpu_delta(before: dict[str, dict[int, float]],
+                  after: dict[str, dict[int, float]]) -> dict[str, float]:
+        return {role: round(sum(cpu - before.get(role, {}).get(pid, 0.0) for pid, cpu in pids.items()), 2)
+                for role, pids in after.items()}
+
     # --- the run --------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
@@ -428,16 +500,19 @@ class ScaleBench:
         await self.wait_ready(password)
         setup_seconds = time.monotonic() - t_setup
         o.log(f"{o.hypervisors} hypervisors up and synced after {setup_seconds:.1f}s; "
-              f"launching {o.vms} servers with {o.clients} clients over {len(self.projects)} projects")
-        tokens = [await self.token(password, pid) for pid, _ in self.projects]
+              f"launching {o.vms} servers with {o.clients} clients over {len(self.projects)} projects, "
+              f"{len(self.networks)} networks")
         admin_token = await self.token(password, None)
+        tokens = [await self.token(password, pid, admin_token) for pid in self.projects]
 
         await self.controller_stats(reset=True)
         cpu0 = {p.name: p.cpu() for p in (controller, *apis)}
+        roles0 = self.cpu_by_role()
         t0 = time.monotonic()
         launch = await self.launch(tokens, admin_token)
         launch_wall = time.monotonic() - t0
         cpu1 = {p.name: p.cpu() for p in (controller, *apis)}
+        roles = self.cpu_delta(roles0, self.cpu_by_role())
         stats = await self.controller_stats()
 
         latencies = [launch.active[sid] - sent for sid, sent in launch.sent.items() if sid in launch.active]
@@ -449,6 +524,7 @@ class ScaleBench:
         f: dict[str, Any] = {
             "hypervisors": o.hypervisors, "vms": o.vms, "database": "postgresql" if "postgresql" in db_url
             else "sqlite", "api_workers": o.api_workers, "clients": o.clients, "projects": len(self.projects),
+            "networks": len(self.networks),
             "rate_limit": o.rate,
             "succeeded": succeeded, "failed": o.vms - succeeded, "errors": len(launch.errors),
             "rejected": launch.rejected, "rejections": {str(k): v for k, v in launch.rejections.items()},
@@ -465,6 +541,7 @@ class ScaleBench:
             "heartbeat_lag_max_s": stats.get("heartbeat_lag", {}).get("max", 0.0),
             "controller_pass_p50_s": stats.get("pass_seconds", {}).get("p50", 0.0),
             "controller_pass_max_s": stats.get("pass_seconds", {}).get("max", 0.0),
+            "cpu_seconds_by_role": roles,
         }
         o.log(f"launched: {succeeded}/{o.vms} ACTIVE, {f['vms_per_second']:.0f} VMs/s; listing...")
         f.update(await self.list_latency(admin_token))
@@ -502,13 +579,14 @@ def report(f: dict[str, Any]) -> str:
 
     return "\n".join([
         f"hypervisors {f['hypervisors']}, VMs {f['vms']}, database {f['database']}, "
-        f"API workers {f['api_workers']}, clients {f['clients']}, projects {f['projects']}",
+        f"API workers {f['api_workers']}, clients {f['clients']}, projects {f['projects']}, "
+        f"networks {f['networks']}",
         f"success rate        {100 * f['success_rate']:.3f}% ({f['succeeded']} ACTIVE, {f['errors']} ERROR, "
         f"{f['rejected']} rejected {f['rejections'] or ''})",
         f"sustained           {f['vms_per_second']:.1f} VMs/s (create requests "
         f"{f['create_requests_per_second']:.1f}/s)",
-        f"create -> ACTIVE    p50 {s(f['create_to_active_p50_s'], 'ms')}, p99 {s(f['create_to_active_p99_s'], 'ms')}, "
-        f"max {s(f['create_to_active_max_s'], 'ms')}",
+        f"create -> ACTIVE    p50 {s(f['create_to_active_p50_s'], 'ms')}, "
+        f"p99 {s(f['create_to_active_p99_s'], 'ms')}, max {s(f['create_to_active_max_s'], 'ms')}",
         f"list page (1,000)   median {s(f['list_page_median_s'], 'ms')}, p99 {s(f['list_page_p99_s'], 'ms')} "
         f"over {f['list_pages']} pages ({f['list_servers_seen']} servers)",
         f"controller          CPU {f['controller_cpu_percent']:.0f}% of a core during the launch, "
@@ -516,9 +594,11 @@ def report(f: dict[str, Any]) -> str:
         f"max {s(f['controller_pass_max_s'], 'ms')}",
         f"API ({f['api_workers']} workers)     CPU {f['api_cpu_percent']:.0f}% of a core, peak RSS "
         f"{f['api_peak_rss_mb']:.0f} MiB total",
-        f"heartbeat lag       p50 {s(f['heartbeat_lag_p50_s'], 'ms')}, p99 {s(f['heartbeat_lag_p99_s'], 'ms')}, "
-        f"max {s(f['heartbeat_lag_max_s'], 'ms')}",
+        f"heartbeat lag       p50 {s(f['heartbeat_lag_p50_s'], 'ms')}, "
+        f"p99 {s(f['heartbeat_lag_p99_s'], 'ms')}, max {s(f['heartbeat_lag_max_s'], 'ms')}",
         f"down detection      {s(f['down_detection_s'])} for {f['down_group']} killed hypervisors",
+        f"CPU during launch   {f['launch_seconds']:.0f} s wall; CPU seconds by role: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in f["cpu_seconds_by_role"].items()),
     ])
 
 

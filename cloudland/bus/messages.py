@@ -28,6 +28,18 @@ class FixedIp(msgspec.Struct, kw_only=True):
     gateway_ip: str | None = None
 
 
+class SecurityRuleSpec(msgspec.Struct, kw_only=True):
+    """One security group rule of a port; ``remote_group_id`` names a set in ``NetworkSpec.remote_groups``."""
+
+    direction: str  # ingress | egress
+    ethertype: str = "IPv4"
+    protocol: int | None = None  # IP protocol number; None = any
+    port_range_min: int | None = None
+    port_range_max: int | None = None
+    remote_ip_prefix: str | None = None
+    remote_group_id: str | None = None
+
+
 class PortSpec(msgspec.Struct, kw_only=True):
     port_id: str
     network_id: str
@@ -37,6 +49,10 @@ class PortSpec(msgspec.Struct, kw_only=True):
     # Segmentation: "vxlan" with vni, "flat" / "vlan" on a physical network.
     network_type: str = "vxlan"
     segmentation_id: int | None = None
+    # Security groups: filtered (anti-spoofing + rules, default drop) only when True.
+    port_security: bool = False
+    allowed_address_pairs: list[dict[str, str]] = []
+    security_rules: list[SecurityRuleSpec] = []
 
     @property
     def tap_name(self) -> str:
@@ -69,6 +85,9 @@ class InstanceSpec(msgspec.Struct, kw_only=True):
     key_data: str | None = None
     metadata: dict[str, str] = {}
     config_drive: bool = False
+    # For the metadata service and the config drive (cloudland/metadata/content.py).
+    key_name: str | None = None
+    availability_zone: str = "nova"
 
 
 class SubnetSpec(msgspec.Struct, kw_only=True):
@@ -97,6 +116,8 @@ class NetworkSpec(msgspec.Struct, kw_only=True):
     dhcp_port: PortSpec | None = None
     # Underlay addresses of the other hypervisors that carry this network (VXLAN FDB).
     peers: list[str] = []
+    # Security group id → member addresses, for the ports' rules with a remote_group_id.
+    remote_groups: dict[str, list[str]] = {}
 
 
 # --- commands to a host (subject host.<id>.cmd) -----------------------------------------------
@@ -116,6 +137,16 @@ class EnsureNetwork(Message, tag="ensure_network"):
 
 class EnsureNetworkAbsent(Message, tag="ensure_network_absent"):
     network_id: str
+
+
+class NetworkPeers(Message, tag="network_peers"):
+    """Controller → every hypervisor of one network, on ``net.<network id>.peers``: the underlay
+    addresses of all hypervisors that carry it (each agent leaves out its own). One message per
+    membership change instead of an ``EnsureNetwork`` to every member; an agent subscribes while
+    it carries the network, so NATS delivers it only down the branches that have members."""
+
+    network_id: str
+    addresses: list[str]
 
 
 HostCommand = EnsureInstance | EnsureInstanceAbsent | EnsureNetwork | EnsureNetworkAbsent
@@ -189,9 +220,11 @@ class Wake(Message, tag="wake"):
     """API → controllers: desired state changed for these instances (an optimisation only)."""
 
     instance_ids: list[str] = []
+    # Security groups changed for ports on these networks: every member host needs a new spec.
+    network_ids: list[str] = []
 
 
-AnyMessage = HostCommand | HostRequest | ConsoleOutput | Report | Wake
+AnyMessage = HostCommand | HostRequest | ConsoleOutput | Report | Wake | NetworkPeers
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(AnyMessage)

@@ -13,6 +13,11 @@ def host_rpc(host_id: str) -> str:
     return f"host.{host_id}.rpc"
 
 
+def network_peers(network_id: str) -> str:
+    """Peer lists for the hypervisors that carry a network (they subscribe while they do)."""
+    return f"net.{network_id}.peers"
+
+
 def report(zone: str) -> str:
     """Heartbeats and state changes from the agents of a zone."""
     return f"report.{zone}"

@@ -45,7 +45,7 @@ class HeartbeatResult(NamedTuple):
 
 
 class HostIndex:
-    def __init__(self, down_after: float, write_every: float = 10.0,
+    def __init__(self, down_after: float, write_every: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.down_after = down_after
         self.write_every = write_every

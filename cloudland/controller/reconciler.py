@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from cloudland.bus import subjects
 from cloudland.bus.messages import (
     EnsureInstance,
     EnsureInstanceAbsent,
@@ -27,18 +28,21 @@ from cloudland.bus.messages import (
     HostCommand,
     HostState,
     InstanceStatus,
+    Message,
+    NetworkPeers,
     encode,
     state_digest,
 )
 from cloudland.config import Config
 from cloudland.controller import scheduler, specs
-from cloudland.controller.hosts import HostIndex
+from cloudland.controller.hosts import HostIndex, HostInfo
 from cloudland.controller.instance_status import Outcome, apply_statuses, finalize_delete
-from cloudland.db.models import Host, Instance, Port
+from cloudland.db.models import Host, Instance
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[str, HostCommand], Awaitable[None]]
+Broadcast = Callable[[str, Message], Awaitable[None]]
 HostNet = tuple[str, str]
 
 
@@ -52,8 +56,13 @@ class Reconciler:
     """All state is in memory and rebuilt from reports; the database holds desired state."""
 
     def __init__(self, config: Config, sessionmaker: async_sessionmaker[AsyncSession], hosts: HostIndex,
-                 send: Send, clock: Callable[[], float] = time.monotonic) -> None:
+                 send: Send, clock: Callable[[], float] = time.monotonic,
+                 broadcast: Broadcast | None = None) -> None:
         self.config = config
+        self.broadcast = broadcast
+        # Per network: the addresses last broadcast, and those still to send.
+        self._peers_sent: dict[str, list[str]] = {}
+        self._peers_outbox: dict[str, list[str]] = {}
         self.sessionmaker = sessionmaker
         self.hosts = hosts
         self.send = send
@@ -66,6 +75,9 @@ class Reconciler:
         self.dirty_batch = 2000
         self.sweep_batch = 1000
         self.schedule_after = self.clock() + 1.5 * config.agent.heartbeat_seconds
+        self.usage_refresh = 30.0
+        self._usage_by_host: dict[str, list[int]] = {}
+        self._usage_read_at = -self.usage_refresh
         # host -> instance -> last status (never "absent"); hosts whose full state is known.
         self.actual: dict[str, dict[str, InstanceStatus]] = defaultdict(dict)
         self.synced: set[str] = set()
@@ -75,6 +87,7 @@ class Reconciler:
         self.net_sent: dict[HostNet, tuple[str, float]] = {}
         self.dirty: set[str] = set()
         self.dirty_nets: set[HostNet] = set()
+        self._sg_networks: set[str] = set()
         self.hosts_to_check: set[str] = set()
         self.hosts_changed: set[str] = set()  # came up or went down: their networks' peers change
         self.pending_reports: list[InstanceStatus] = []
@@ -136,13 +149,15 @@ class Reconciler:
             digest = self._digests[host] = state_digest(list(self.actual[host].values()))
         return digest
 
-    def wake(self, instance_ids: Iterable[str]) -> None:
+    def wake(self, instance_ids: Iterable[str], network_ids: Iterable[str] = ()) -> None:
         self.dirty.update(instance_ids)
+        # Security groups changed on these networks: their member hosts get new specs.
+        self._sg_networks.update(network_ids)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.dirty or self.dirty_nets or self.hosts_to_check or self.pending_reports
-                    or self.pending_restores)
+        return bool(self.dirty or self.dirty_nets or self._sg_networks or self.hosts_to_check
+                    or self.pending_reports or self.pending_restores)
 
     # --- the pass --------------------------------------------------------------------------
 
@@ -160,6 +175,7 @@ class Reconciler:
         if self.clock() >= self.schedule_after:
             await self.schedule()
         await self.converge()
+        await self._send_peer_updates()
 
     async def flush_reports(self) -> None:
         if not self.pending_reports and not self.pending_restores:
@@ -179,6 +195,29 @@ class Reconciler:
         for host, iid in outcome.strays:
             await self._send_absent(host, iid)
 
+    async def _peer_updates(self, session: AsyncSession) -> None:
+        """Networks whose membership changed: one ``NetworkPeers`` each (sent after the pass),
+        not a spec to every member. Without a broadcast channel every member gets a spec."""
+        if not self._peers_of:
+            return
+        nets, self._peers_of = self._peers_of, set()
+        members = await specs.hosts_of_networks(session, nets)
+        for net, hosts in members.items():
+            if self.broadcast is None:
+                self.dirty_nets.update((h, net) for h in hosts)
+                continue
+            addresses = sorted({a for h in hosts for a in [self._peer_address(h)] if a})
+            if self._peers_sent.get(net) != addresses:
+                self._peers_sent[net] = addresses
+                self._peers_outbox[net] = addresses
+
+    async def _send_peer_updates(self) -> None:
+        outbox, self._peers_outbox = self._peers_outbox, {}
+        if self.broadcast is not None:
+            for net, addresses in outbox.items():
+                await self.broadcast(subjects.network_peers(net),
+                                     NetworkPeers(network_id=net, addresses=addresses))
+
     def _networks_changed(self, host: str | None, networks: Iterable[str]) -> None:
         """Ports came or went on ``host``: it and its peers on those networks need new specs."""
         for net in networks:
@@ -194,25 +233,26 @@ class Reconciler:
             if now - flight.sent_at > self.command_timeout and not (status and status.state == "error"):
                 del self.inflight[(host, iid)]
                 self.dirty.add(iid)
-        check = self.hosts_to_check | {h for h in self.hosts_changed if not self.hosts.is_up(h)}
+        # Take the sets before the first await: reports keep arriving while we query.
+        to_check, self.hosts_to_check = self.hosts_to_check, set()
+        changed, self.hosts_changed = self.hosts_changed, set()
+        check = to_check | {h for h in changed if not self.hosts.is_up(h)}
         if check:
             self.dirty.update(await session.scalars(select(Instance.id).where(
                 Instance.host.in_(list(check)), Instance.deleted_at.is_(None))))
-        if self.hosts_to_check:
-            wanted = await specs.networks_of_hosts(session, self.hosts_to_check)
-            for host in self.hosts_to_check:
+        if to_check:
+            wanted = await specs.networks_of_hosts(session, to_check)
+            for host in to_check:
                 for net in wanted[host] | self._reported_networks.get(host, set()):
                     self.dirty_nets.add((host, net))
-        self.hosts_to_check = set()
-        if self.hosts_changed:
-            nets = await specs.networks_of_hosts(session, self.hosts_changed)
-            self._peers_of.update(n for ns in nets.values() for n in ns)
-            self.hosts_changed = set()
-        if self._peers_of:
-            members = await specs.hosts_of_networks(session, self._peers_of)
-            for net, hosts in members.items():
+        if self._sg_networks:
+            sg_nets, self._sg_networks = self._sg_networks, set()
+            for net, hosts in (await specs.hosts_of_networks(session, sg_nets)).items():
                 self.dirty_nets.update((h, net) for h in hosts)
-            self._peers_of = set()
+        if changed:
+            nets = await specs.networks_of_hosts(session, changed)
+            self._peers_of.update(n for ns in nets.values() for n in ns)
+        await self._peer_updates(session)
         if sweep:
             ids = list(await session.scalars(
                 select(Instance.id).where(Instance.deleted_at.is_(None), Instance.id > self._sweep_marker)
@@ -222,6 +262,16 @@ class Reconciler:
 
     # --- scheduling ------------------------------------------------------------------------
 
+    async def _usage(self, session: AsyncSession) -> dict[str, tuple[int, int, int]]:
+        """Claimed resources per host: read from the database every ``usage_refresh`` seconds,
+        and between reads the claims this controller made are added in memory. Deletes show at
+        the next read, so capacity is under-estimated for a while, never over-committed."""
+        now = self.clock()
+        if now - self._usage_read_at >= self.usage_refresh:
+            self._usage_by_host = {h: list(u) for h, u in (await scheduler.load_usage(session)).items()}
+            self._usage_read_at = now
+        return {h: (u[0], u[1], u[2]) for h, u in self._usage_by_host.items()}
+
     async def schedule(self) -> None:
         async with self.sessionmaker() as session, session.begin():
             pending = list(await session.scalars(
@@ -230,8 +280,10 @@ class Reconciler:
                 .order_by(Instance.created_at, Instance.id).limit(self.schedule_batch)))
             if not pending:
                 return
-            placement = scheduler.Placement(self.hosts.up_hosts(), await scheduler.load_usage(session),
+            placement = scheduler.Placement(self.hosts.up_hosts(), await self._usage(session),
                                             self.config.controller)
+            picks: list[tuple[str, HostInfo]] = []
+            flavors: dict[str, tuple[int, int, int]] = {}
             for inst in pending:
                 if inst.deleted:
                     self.dirty.add(inst.id)  # local delete, in converge()
@@ -243,16 +295,19 @@ class Reconciler:
                     continue
                 host = self.hosts.get(host_id)
                 assert host is not None
-                if await scheduler.claim(session, inst.id, host):
-                    self.dirty.add(inst.id)
-                    nets = await session.scalars(select(Port.network_id).where(Port.device_id == inst.id))
-                    self._networks_changed(host_id, set(nets))
+                picks.append((inst.id, host))
+                flavors[inst.id] = scheduler.flavor_needs(inst.flavor or {})
+            claimed = await scheduler.claim_many(session, picks)
+            for iid, host in picks:
+                if iid in claimed:
+                    self.dirty.add(iid)
+                    self._networks_changed(host.id, claimed[iid])
+                    used = self._usage_by_host.setdefault(host.id, [0, 0, 0])
+                    for k, amount in enumerate(flavors[iid]):
+                        used[k] += amount
         if self._peers_of:
             async with self.sessionmaker() as session:
-                members = await specs.hosts_of_networks(session, self._peers_of)
-            for net, hosts in members.items():
-                self.dirty_nets.update((h, net) for h in hosts)
-            self._peers_of = set()
+                await self._peer_updates(session)
 
     # --- converging ------------------------------------------------------------------------
 
@@ -315,11 +370,7 @@ class Reconciler:
                     ensure[host].append(inst)
             if synced_statuses:
                 await self._after_reports(await apply_statuses(session, synced_statuses))
-            if self._peers_of:
-                members = await specs.hosts_of_networks(session, self._peers_of)
-                for net, hosts in members.items():
-                    self.dirty_nets.update((h, net) for h in hosts)
-                self._peers_of = set()
+            await self._peer_updates(session)
             commands = await self._build_commands(session, ensure)
         for inst in absent:
             await self._send_absent(inst.host or "", inst.id)

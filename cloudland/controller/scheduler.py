@@ -13,7 +13,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.config import ControllerConfig
@@ -108,11 +108,53 @@ async def claim(session: AsyncSession, instance_id: str, host: HostInfo) -> bool
         update(Instance).where(Instance.id == instance_id, Instance.host.is_(None),
                                Instance.deleted.is_(False))
         .values(host=host.id, task_state="spawning",
-                availability_zone=func.coalesce(Instance.availability_zone, host.zone)))
+                availability_zone=func.coalesce(Instance.availability_zone, host.zone))
+        .execution_options(synchronize_session=False))
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    await session.execute(update(Port).where(Port.device_id == instance_id).values(binding_host_id=host.id))
+    await session.execute(update(Port).where(Port.device_id == instance_id).values(binding_host_id=host.id)
+                          .execution_options(synchronize_session=False))
     return True
+
+
+_instances = Instance.__table__
+_ports = Port.__table__
+
+
+async def claim_many(session: AsyncSession, picks: list[tuple[str, HostInfo]]) -> dict[str, set[str]]:
+    """``claim`` for many instances with a fixed number of statements (executemany): the
+    conditional UPDATE per instance, then a read of who holds each row, then the ports.
+    Returns {claimed instance id: the networks of its ports}. Core statements: the ORM objects
+    in the session are not touched (re-read them if needed)."""
+    if not picks:
+        return {}
+    now = utcnow()
+    await session.execute(
+        update(_instances).where(_instances.c.id == bindparam("b_id"), _instances.c.host.is_(None),
+                                 _instances.c.deleted.is_(False))
+        .values(host=bindparam("b_host"), task_state="spawning", updated_at=now,
+                availability_zone=func.coalesce(_instances.c.availability_zone, bindparam("b_zone"))),
+        [{"b_id": iid, "b_host": h.id, "b_zone": h.zone} for iid, h in picks])
+    wanted = {iid: h.id for iid, h in picks}
+    claimed: dict[str, set[str]] = {}
+    ids = list(wanted)
+    for start in range(0, len(ids), 500):
+        rows = await session.execute(select(_instances.c.id, _instances.c.host)
+                                     .where(_instances.c.id.in_(ids[start:start + 500])))
+        claimed.update({iid: set() for iid, host in rows if host == wanted[iid]})
+    if not claimed:
+        return {}
+    await session.execute(
+        update(_ports).where(_ports.c.device_id == bindparam("b_id"))
+        .values(binding_host_id=bindparam("b_host")),
+        [{"b_id": iid, "b_host": wanted[iid]} for iid in claimed])
+    got = list(claimed)
+    for start in range(0, len(got), 500):
+        rows = await session.execute(select(_ports.c.device_id, _ports.c.network_id)
+                                     .where(_ports.c.device_id.in_(got[start:start + 500])))
+        for device, net in rows:
+            claimed[device].add(net)
+    return claimed
 
 
 async def fail_no_host(session: AsyncSession, instance_id: str) -> None:
@@ -120,4 +162,5 @@ async def fail_no_host(session: AsyncSession, instance_id: str) -> None:
     await session.execute(
         update(Instance).where(Instance.id == instance_id, Instance.host.is_(None),
                                Instance.deleted.is_(False))
-        .values(vm_state="error", task_state=None, fault=fault))
+        .values(vm_state="error", task_state=None, fault=fault)
+        .execution_options(synchronize_session=False))

@@ -27,6 +27,7 @@ from cloudland.bus.messages import (
     HostCommand,
     HostState,
     InstanceStatus,
+    Message,
     Wake,
     decode,
     encode,
@@ -70,7 +71,8 @@ class ControllerService:
         self.sessionmaker = make_sessionmaker(self.engine)
         async with self.sessionmaker() as session:
             self.hosts.load(await session.scalars(select(Host)))
-        self.reconciler = Reconciler(self.config, self.sessionmaker, self.hosts, self._send)
+        self.reconciler = Reconciler(self.config, self.sessionmaker, self.hosts, self._send,
+                                     broadcast=self._broadcast)
         self.nc = await connect(self.config.nats.url, "cloudland-controller")
         self._subs = [
             await self.nc.subscribe(subjects.REPORT_ALL, cb=self._on_report),
@@ -150,6 +152,14 @@ class ControllerService:
         except Exception as e:
             log.warning("cannot send %s to %s: %s", type(command).__name__, host_id, e)
 
+    async def _broadcast(self, subject: str, message: Message) -> None:
+        if self.nc is None or not self.nc.is_connected:
+            return  # a later change (or a full spec on resync) carries it
+        try:
+            await self.nc.publish(subject, encode(message))
+        except Exception as e:
+            log.warning("cannot publish %s on %s: %s", type(message).__name__, subject, e)
+
     async def _on_report(self, msg: Msg) -> None:
         assert self.reconciler is not None
         try:
@@ -177,7 +187,7 @@ class ControllerService:
         except msgspec.DecodeError:
             return
         if isinstance(wake, Wake):
-            self.reconciler.wake(wake.instance_ids)
+            self.reconciler.wake(wake.instance_ids, wake.network_ids)
             self.kick()
 
     async def _on_stats(self, msg: Msg) -> None:

@@ -12,8 +12,17 @@ from collections.abc import Callable, Iterable
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from cloudland.bus.messages import FixedIp, ImageRef, InstanceSpec, NetworkSpec, PortSpec, SubnetSpec
+from cloudland.bus.messages import (
+    FixedIp,
+    ImageRef,
+    InstanceSpec,
+    NetworkSpec,
+    PortSpec,
+    SecurityRuleSpec,
+    SubnetSpec,
+)
 from cloudland.config import Config
+from cloudland.controller import secgroups
 from cloudland.db.models import Image, Instance, IpAllocation, Network, Port, Subnet
 
 DHCP_OWNER = "network:dhcp"
@@ -35,10 +44,14 @@ async def _fixed_ips(session: AsyncSession, port_ids: list[str]) -> dict[str, li
     return result
 
 
-def _port_spec(port: Port, network: Network, fixed: list[FixedIp]) -> PortSpec:
+def _port_spec(port: Port, network: Network, fixed: list[FixedIp],
+               rules: dict[str, list[SecurityRuleSpec]]) -> PortSpec:
+    secure = bool(port.port_security_enabled and port.device_owner != DHCP_OWNER)
     return PortSpec(port_id=port.id, network_id=network.id, mac_address=port.mac_address,
                     mtu=network.mtu, fixed_ips=fixed, network_type=network.network_type,
-                    segmentation_id=network.segmentation_id)
+                    segmentation_id=network.segmentation_id, port_security=secure,
+                    allowed_address_pairs=list(port.allowed_address_pairs or []) if secure else [],
+                    security_rules=secgroups.port_rules(port, rules) if secure else [])
 
 
 async def _port_specs(session: AsyncSession, where: object) -> list[tuple[Port, PortSpec]]:
@@ -46,7 +59,8 @@ async def _port_specs(session: AsyncSession, where: object) -> list[tuple[Port, 
         select(Port, Network).join(Network, Network.id == Port.network_id).where(where)  # type: ignore[arg-type]
         .order_by(Port.created_at, Port.id)))
     fixed = await _fixed_ips(session, [p.id for p, _ in rows])
-    return [(p, _port_spec(p, n, fixed.get(p.id, []))) for p, n in rows]
+    rules = await secgroups.rules_of_groups(session, {g for p, _ in rows for g in p.security_groups or []})
+    return [(p, _port_spec(p, n, fixed.get(p.id, []), rules)) for p, n in rows]
 
 
 async def instance_ports(session: AsyncSession, instance_ids: Iterable[str]) -> dict[str, list[PortSpec]]:
@@ -82,7 +96,8 @@ def instance_spec(inst: Instance, ports: list[PortSpec], image: ImageRef | None)
         reboot_generation=inst.reboot_generation, reboot_hard=inst.task_state == "rebooting_hard",
         user_data=inst.user_data, key_data=inst.key_data,
         metadata={str(k): str(v) for k, v in (inst.metadata_ or {}).items()},
-        config_drive=inst.config_drive)
+        config_drive=inst.config_drive, key_name=inst.key_name,
+        availability_zone=inst.availability_zone or "nova")
 
 
 async def networks_of_hosts(session: AsyncSession, host_ids: Iterable[str]) -> dict[str, set[str]]:
@@ -143,16 +158,22 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
         elif port.binding_host_id in host_ids:
             local[(port.binding_host_id, port.network_id)].append(spec)
     members = await hosts_of_networks(session, net_ids)
+    # Addresses per network once (not per host: a network may span thousands of hosts).
+    addresses = {net: sorted({a for h in hosts for a in [peer_address(h)] if a})
+                 for net, hosts in members.items()}
+    remote = await secgroups.remote_groups(session, [p for ports in local.values() for p in ports])
     result: dict[HostNetwork, NetworkSpec | None] = {}
     for host, net_id in wanted:
         network = networks.get(net_id)
         if network is None or not local.get((host, net_id)):
             result[(host, net_id)] = None
             continue
-        peers = sorted({a for h in members.get(net_id, ()) if h != host
-                        for a in [peer_address(h)] if a})
+        own = peer_address(host) if host in members.get(net_id, ()) else None
+        peers = [a for a in addresses.get(net_id, []) if a != own]
         result[(host, net_id)] = NetworkSpec(
             id=net_id, network_type=network.network_type, segmentation_id=network.segmentation_id,
             mtu=network.mtu, subnets=subnets.get(net_id, []), ports=local[(host, net_id)],
-            dhcp_port=dhcp.get(net_id), peers=peers)
+            dhcp_port=dhcp.get(net_id), peers=peers,
+            remote_groups={g: remote[g] for p in local[(host, net_id)] for r in p.security_rules
+                           if (g := r.remote_group_id)})
     return result

@@ -27,10 +27,12 @@ from pathlib import Path
 from cloudland.guest import BOOT_MARKER
 
 # Bump when the image layout or build steps change: the cache key includes it.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # Modules the guest needs, by name; their dependencies come from modules.dep.
 GUEST_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "button", "evdev")
+# Loaded when the kernel has them as modules (built in otherwise): isofs for the config drive.
+OPTIONAL_GUEST_MODULES = ("isofs",)
 KERNEL_CMDLINE = "console=ttyS0 quiet loglevel=3 panic=10 i8042.noaux i8042.nokbd"
 FILES_DIR = Path(__file__).parent / "files"
 BUSYBOX = Path("/bin/busybox")
@@ -121,7 +123,7 @@ def _build_raw_disk(work: Path, package: str) -> Path:
     kver = vmlinuz.name.removeprefix("vmlinuz-")
     _run(["depmod", "-b", str(root), kver])
     modules_dir = _modules_dir(root, kver)
-    order = module_load_order(modules_dir / "modules.dep", GUEST_MODULES)
+    order = module_load_order(modules_dir / "modules.dep", GUEST_MODULES, OPTIONAL_GUEST_MODULES)
 
     initrd = work / "initrd.gz"
     initrd.write_bytes(gzip.compress(_initramfs_cpio(modules_dir, order), compresslevel=6))
@@ -156,7 +158,8 @@ def _modules_dir(root: Path, kver: str) -> Path:
     raise GuestBuildError(f"no modules.dep for {kver} under {root}")
 
 
-def module_load_order(modules_dep: Path, wanted: tuple[str, ...]) -> list[str]:
+def module_load_order(modules_dep: Path, wanted: tuple[str, ...],
+                      optional: tuple[str, ...] = ()) -> list[str]:
     """Module paths (relative to the modules dir) in an order insmod accepts."""
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
@@ -176,7 +179,7 @@ def module_load_order(modules_dep: Path, wanted: tuple[str, ...]) -> list[str]:
             visit(dep)
         order.append(mod)
 
-    for name in wanted:
+    for name in wanted + tuple(o for o in optional if o in by_name):
         if name not in by_name:
             raise GuestBuildError(f"kernel module {name} not found (built in?)")
         visit(by_name[name])

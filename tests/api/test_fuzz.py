@@ -141,7 +141,9 @@ def _make_fixtures(base: str, token: str) -> dict[str, str]:
     ids = {"network_id": net["id"], "resource_id": net["id"], "subnet_id": subnet["id"],
            "port_id": port["id"], "image_id": image["id"], "server_id": server["id"], "flavor_id": "42",
            "key": "hw:cpu_policy", "tag": "fuzz-tag", "collection": "projects", "name": "fuzz-key",
-           "domain_id": "default"}
+           "domain_id": "default",
+           "group_id": post("/network/v2.0/security-groups", {"security_group": {"name": "fz"}})
+           ["security_group"]["id"]}
     for kind, key in (("projects", "project_id"), ("users", "user_id"), ("roles", "role_id")):
         r = httpx.get(f"{base}/identity/v3/{kind}", headers=h)
         ids[key] = r.json()[kind][0]["id"]

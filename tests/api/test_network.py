@@ -58,7 +58,8 @@ async def test_discovery(client: httpx.AsyncClient, demo_token: str) -> None:
         assert version["links"][0]["href"] == "http://cloudland.test/network/v2.0/"
     for path in (N, N + "/"):
         r = await client.get(path)
-        assert {res["collection"] for res in r.json()["resources"]} == {"networks", "subnets", "ports"}
+        assert {res["collection"] for res in r.json()["resources"]} == {
+                "networks", "subnets", "ports", "security-groups", "security-group-rules"}
     r = await client.get(f"{N}/extensions", headers=h(demo_token))
     aliases = {e["alias"] for e in r.json()["extensions"]}
     assert {"provider", "external-net", "binding", "port-security"} <= aliases
@@ -265,8 +266,9 @@ async def test_port_crud_and_fixed_ips(client: httpx.AsyncClient, admin_token: s
     port = r.json()["port"]
     assert port["mac_address"].startswith("fa:16:3e:")
     assert port["fixed_ips"] == [{"subnet_id": sub["id"], "ip_address": "10.5.0.3"}]
-    for key in ("allowed_address_pairs", "security_groups", "tags", "extra_dhcp_opts"):
+    for key in ("allowed_address_pairs", "tags", "extra_dhcp_opts"):
         assert port[key] == []
+    assert len(port["security_groups"]) == 1  # the project's default group
     assert port["status"] == "DOWN" and port["binding:vnic_type"] == "normal"
     assert "binding:host_id" not in port
     admin_view = (await client.get(f"{N}/ports/{port['id']}", headers=h(admin_token))).json()["port"]

@@ -79,6 +79,11 @@ def error(r: httpx.Response, code: int, key: str) -> str:
 
 @pytest.mark.both_databases
 async def test_create_shape_and_rows(client: httpx.AsyncClient, demo_token: str, seed: Seed, app) -> None:  # type: ignore[no-untyped-def]
+    r = await create(client, demo_token, seed, security_groups=[{"name": "web"}])
+    error(r, 400, "badRequest")  # unknown security group, as Nova
+    r = await client.post("/network/v2.0/security-groups", json={"security_group": {"name": "web"}},
+                          headers={"X-Auth-Token": demo_token})
+    assert r.status_code == 201, r.text
     r = await create(client, demo_token, seed, metadata={"a": "b"}, security_groups=[{"name": "web"}],
                      user_data=base64.b64encode(b"#!/bin/sh\n").decode(), config_drive=True)
     assert r.status_code == 202, r.text

@@ -11,13 +11,33 @@ from __future__ import annotations
 import asyncio
 import itertools
 import shutil
+import threading
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from cloudland.config import Config
 from cloudland.db.local_postgres import LocalPostgres
 
 TEMPLATE_DB = "cloudland_template"
 _counter = itertools.count(1)
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    """asyncio.run in a thread: session fixtures may be set up from inside a running loop."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(coro)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 async def _bootstrap(config: Config) -> None:
@@ -34,7 +54,7 @@ async def _bootstrap(config: Config) -> None:
 def make_template_state(state_dir: Path) -> None:
     """A state directory with a migrated, bootstrapped SQLite database and its keys."""
     state_dir.mkdir(parents=True)
-    asyncio.run(_bootstrap(Config(state_dir=state_dir)))
+    _run(_bootstrap(Config(state_dir=state_dir)))
 
 
 def copy_state(template: Path, state_dir: Path) -> None:
@@ -48,7 +68,7 @@ def make_template_database(pg: LocalPostgres, template_state: Path, work: Path) 
     copy_state(template_state, state)
     cfg = Config(state_dir=state)
     cfg.database.url = pg.url(TEMPLATE_DB)
-    asyncio.run(_bootstrap(cfg))
+    _run(_bootstrap(cfg))
 
 
 def new_database(pg: LocalPostgres) -> str:

@@ -317,9 +317,16 @@ async def create_instances(session: AsyncSession, ctx: RequestContext, req: Crea
                            count: int) -> list[Instance]:
     """Instance rows and their ports; the caller owns the transaction."""
     from cloudland.api.network import ipam
+    from cloudland.api.network.secgroup_rules import resolve_groups
 
     project_id = ctx.project_id
     assert project_id is not None
+    try:
+        group_ids = await resolve_groups(session, project_id, req.security_groups, by_name=True)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        raise bad_request(f"Security group {exc.message.split()[2]} not found.")
     instances = []
     for index in range(count):
         inst = Instance(
@@ -344,7 +351,9 @@ async def create_instances(session: AsyncSession, ctx: RequestContext, req: Crea
                     raise conflict(f"Port {net.port.id} is still in use.")
                 continue
             fixed_ips = [{"ip_address": net.fixed_ip}] if net.fixed_ip else None
+            attrs = {"security_groups": group_ids} if net.network.port_security_enabled else None
             await ipam.create_port(session, network=net.network, project_id=project_id,
-                                   device_id=inst.id, device_owner="compute:nova", fixed_ips=fixed_ips)
+                                   device_id=inst.id, device_owner="compute:nova", fixed_ips=fixed_ips,
+                                   attrs=attrs)
         instances.append(inst)
     return instances

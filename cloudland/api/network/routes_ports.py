@@ -23,6 +23,8 @@ from cloudland.api.network.query import (
 )
 from cloudland.api.network.quotas import check_quota
 from cloudland.api.network.render import port_view
+from cloudland.api.network.routes_security_groups import notify
+from cloudland.api.network.secgroup_rules import ensure_default_group, resolve_groups
 from cloudland.api.network.tags import tag_filter
 from cloudland.api.network.validation import (
     allowed_address_pairs,
@@ -193,6 +195,12 @@ async def create_port(request: Request, ctx: RequestContext = Depends(require_co
     values.setdefault("port_security_enabled", net.port_security_enabled)
     _check_port_security(values["port_security_enabled"], values.get("allowed_address_pairs", []),
                          values.get("security_groups", []))
+    if values["port_security_enabled"] and not str(attrs.get("device_owner") or "").startswith("network:"):
+        if "security_groups" in values:
+            values["security_groups"] = await resolve_groups(session, project_id, values["security_groups"],
+                                                             by_name=False)
+        else:
+            values["security_groups"] = [await ensure_default_group(session, project_id)]
     mac = normalize_mac(attrs["mac_address"]) if attrs.get("mac_address") else None
     fixed_ips = as_list(attrs["fixed_ips"], "fixed_ips") if "fixed_ips" in attrs else None
     await check_quota(session, "port", project_id)
@@ -236,8 +244,14 @@ async def update_port(port_id: str, request: Request, ctx: RequestContext = Depe
         setattr(port, key, value)
     if "fixed_ips" in attrs:
         await ipam.replace_fixed_ips(session, port, net, as_list(attrs["fixed_ips"], "fixed_ips"))
+    if "security_groups" in values:
+        port.security_groups = await resolve_groups(session, port.project_id, values["security_groups"],
+                                                    by_name=False)
     port.revision_number = (port.revision_number or 0) + 1
     await session.commit()
+    if {"security_groups", "port_security_enabled", "allowed_address_pairs", "fixed_ips"} & set(values) | \
+            ({"fixed_ips"} & set(attrs)):
+        await notify(request, session, set(port.security_groups or []))
     return {"port": await _view(session, ctx, port)}
 
 

@@ -33,8 +33,9 @@ EXTENSIONS = {
                           "Enables to set tag on resources with standard attribute."),
     "pagination": ("Pagination support", "Extension that indicates that pagination is enabled."),
     "sorting": ("Sorting support", "Extension that indicates that sorting is enabled."),
+    "security-group": ("security-group", "The security groups extension."),
 }
-RESOURCES = ("network", "subnet", "port")
+RESOURCES = ("network", "subnet", "port", "security-group", "security-group-rule")
 
 
 def _extension(alias: str) -> dict[str, Any]:

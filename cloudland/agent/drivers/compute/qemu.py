@@ -32,6 +32,7 @@ import msgspec
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
+from cloudland.agent.drivers.compute import configdrive
 from cloudland.agent.drivers.compute.accel import accel_args, choose_accel
 from cloudland.agent.drivers.compute.base import ComputeDriver, PowerState
 from cloudland.bus.messages import InstanceSpec, Resources
@@ -82,6 +83,10 @@ class InstancePaths:
     @property
     def qemu_log(self) -> Path:
         return self.dir / "qemu.log"
+
+    @property
+    def config_drive(self) -> Path:
+        return self.dir / "config-drive.iso"
 
 
 def _opt(value: str | Path) -> str:
@@ -271,6 +276,10 @@ class QemuDriver(ComputeDriver):
                 "-object", "rng-random,id=rng0,filename=/dev/urandom",
                 "-device", "virtio-rng-pci,rng=rng0",
                 *smbios_args(spec.id)]
+        if spec.config_drive:
+            # A read-only virtio disk: the Debian cloud kernel has no AHCI for a CD-ROM.
+            args += ["-drive", f"file={_opt(p.config_drive)},if=none,id=config2,format=raw,readonly=on",
+                     "-device", "virtio-blk-pci,drive=config2"]
         for i, port in enumerate(spec.ports):
             args += ["-netdev", f"tap,id=net{i},ifname={port.tap_name},script=no,downscript=no",
                      "-device", f"virtio-net-pci,netdev=net{i},mac={port.mac_address},"
@@ -327,6 +336,10 @@ class QemuDriver(ComputeDriver):
         async with self._op_lock(spec.id):
             await asyncio.to_thread(paths.dir.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread(_write_atomic, paths.spec, msgspec.json.encode(spec))
+            if spec.config_drive:
+                await asyncio.to_thread(configdrive.write_iso, spec, paths.config_drive)
+            else:
+                paths.config_drive.unlink(missing_ok=True)
             if paths.disk.exists():
                 return
             size = spec.disk_gb * GIB

@@ -19,6 +19,7 @@ from pathlib import Path
 from cloudland.bus.messages import NetworkSpec, SubnetSpec
 
 LEASE_SECONDS = 86400
+METADATA_ADDRESS = "169.254.169.254"
 RA_INTERVAL_SECONDS = 30
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 # Neutron's ipv6 modes -> dnsmasq dhcp-range mode
@@ -89,7 +90,17 @@ def hosts_file(spec: NetworkSpec) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def _v4_options(tag: str, subnet: SubnetSpec, mtu: int) -> list[str]:
+def metadata_via(spec: NetworkSpec, subnet: SubnetSpec) -> str | None:
+    """The DHCP port's address on ``subnet``: the next hop to the metadata proxy."""
+    if spec.dhcp_port is None:
+        return None
+    for fip in spec.dhcp_port.fixed_ips:
+        if fip.subnet_id == subnet.id:
+            return str(ipaddress.ip_address(fip.ip_address))
+    return None
+
+
+def _v4_options(tag: str, subnet: SubnetSpec, mtu: int, metadata_hop: str | None = None) -> list[str]:
     opts = [f"--dhcp-option=tag:{tag},option:mtu,{mtu}"]
     gateway = str(ipaddress.ip_address(subnet.gateway_ip)) if subnet.gateway_ip else None
     # An empty router option tells dnsmasq not to send its own address as the router.
@@ -97,9 +108,12 @@ def _v4_options(tag: str, subnet: SubnetSpec, mtu: int) -> list[str]:
     if subnet.dns_nameservers:
         servers = ",".join(str(ipaddress.ip_address(d)) for d in subnet.dns_nameservers)
         opts.append(f"--dhcp-option=tag:{tag},option:dns-server,{servers}")
-    if subnet.host_routes:
+    if subnet.host_routes or metadata_hop:
         # Clients that get classless routes ignore option 3, so the default route goes in too.
         routes = []
+        if metadata_hop:
+            # Like Neutron's isolated metadata: 169.254.169.254 via the DHCP namespace's proxy.
+            routes += [f"{METADATA_ADDRESS}/32", metadata_hop]
         for route in subnet.host_routes:
             dest = ipaddress.ip_network(route["destination"])
             routes += [str(dest), str(ipaddress.ip_address(route["nexthop"]))]
@@ -109,7 +123,7 @@ def _v4_options(tag: str, subnet: SubnetSpec, mtu: int) -> list[str]:
     return opts
 
 
-def dnsmasq_args(spec: NetworkSpec, ifname: str, files: DhcpFiles) -> list[str]:
+def dnsmasq_args(spec: NetworkSpec, ifname: str, files: DhcpFiles, metadata: bool = False) -> list[str]:
     args = [
         "dnsmasq",
         "--conf-file=/dev/null",
@@ -136,7 +150,8 @@ def dnsmasq_args(spec: NetworkSpec, ifname: str, files: DhcpFiles) -> list[str]:
             args.append(
                 f"--dhcp-range=set:{tag},{net.network_address},static,{net.netmask},{LEASE_SECONDS}s"
             )
-            args += _v4_options(tag, subnet, spec.mtu)
+            hop = metadata_via(spec, subnet) if metadata else None
+            args += _v4_options(tag, subnet, spec.mtu, hop)
             continue
         mode = _v6_mode(subnet)
         args.append(

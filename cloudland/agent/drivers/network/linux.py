@@ -20,8 +20,9 @@ from pathlib import Path
 import msgspec
 from pyroute2 import IPRoute
 
-from cloudland.agent.drivers.network import dnsmasq, names, netlink
+from cloudland.agent.drivers.network import dnsmasq, metadata_proxy, names, netlink
 from cloudland.agent.drivers.network.base import NetworkDriver
+from cloudland.agent.drivers.network.firewall import Firewall
 from cloudland.bus.messages import NetworkSpec, PortSpec
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,19 @@ log = logging.getLogger(__name__)
 class LinuxNetworkDriver(NetworkDriver):
     name = "linux"
 
-    def __init__(self, state_dir: Path, host_tag: str, underlay_address: str | None = None) -> None:
+    def __init__(self, state_dir: Path, host_tag: str, underlay_address: str | None = None,
+                 metadata_upstream: str | None = None, metadata_key_file: Path | None = None) -> None:
         self.state_dir = Path(state_dir)
+        # The metadata service's base URL and the proxy's signing key: both or no metadata proxy.
+        self.metadata_upstream = metadata_upstream if metadata_key_file is not None else None
+        self.metadata_key_file = Path(metadata_key_file).absolute() if metadata_key_file else None
         self.host_tag = names.check_id(host_tag, "host tag")
         self.underlay_address = str(ipaddress.ip_address(underlay_address)) if underlay_address else None
         self._specs_dir = self.state_dir / "networks"
         self._dhcp_dir = self.state_dir / "dhcp"
         self._locks: dict[str, asyncio.Lock] = {}
+        self._firewall = Firewall()
+        self._firewall_lock = asyncio.Lock()
 
     # --- state files ------------------------------------------------------------------
 
@@ -95,6 +102,7 @@ class LinuxNetworkDriver(NetworkDriver):
                 await self._ensure_dhcp(spec)
             else:
                 await self._remove_dhcp(spec.id)
+        await self._apply_firewall()
 
     async def remove_network(self, network_id: str) -> None:
         names.check_id(network_id, "network id")
@@ -104,6 +112,23 @@ class LinuxNetworkDriver(NetworkDriver):
             await asyncio.to_thread(self._remove_l2, network_id, spec)
             self._spec_path(network_id).unlink(missing_ok=True)
         self._locks.pop(network_id, None)
+        await self._apply_firewall()
+
+    async def _apply_firewall(self) -> None:
+        """Security groups of every port on this host, from the saved specs (``firewall.py``)."""
+        async with self._firewall_lock:  # the newest snapshot is applied last
+            specs = [s for n in await self.list_networks() if (s := self._load_spec(n)) is not None]
+            ports = [p for s in specs for p in s.ports]
+            if self._firewall.applied is None and not any(p.port_security for p in ports):
+                return
+            groups: dict[str, list[str]] = {}
+            for s in specs:
+                for group, members in s.remote_groups.items():
+                    groups[group] = sorted(set(groups.get(group, [])) | set(members))
+            try:
+                await asyncio.to_thread(self._firewall.apply, ports, groups)
+            except Exception:
+                log.exception("security groups: applying the nftables ruleset failed")
 
     async def plug_port(self, port: PortSpec) -> str:
         tap = names.tap_name(port.port_id)
@@ -170,6 +195,14 @@ class LinuxNetworkDriver(NetworkDriver):
 
     # --- DHCP ---------------------------------------------------------------------------
 
+    def _metadata_wanted(self, spec: NetworkSpec) -> bool:
+        """A metadata proxy where some served IPv4 subnet has the DHCP port on it."""
+        return self.metadata_upstream is not None and any(
+            s.ip_version == 4 and dnsmasq.metadata_via(spec, s) for s in dnsmasq.served_subnets(spec))
+
+    def _proxy_files(self, network_id: str) -> metadata_proxy.ProxyFiles:
+        return metadata_proxy.ProxyFiles(self._dhcp_files(network_id).directory)
+
     def _ensure_dhcp_links(self, spec: NetworkSpec, ns: str) -> None:
         assert spec.dhcp_port is not None
         host_if, ns_if = names.dhcp_veth_host(spec.id), names.dhcp_veth_ns(spec.id)
@@ -183,6 +216,8 @@ class LinuxNetworkDriver(NetworkDriver):
             ipaddress.ip_interface((fip.ip_address, ipaddress.ip_network(fip.cidr, strict=False).prefixlen))
             for fip in spec.dhcp_port.fixed_ips
         ]
+        if self._metadata_wanted(spec):
+            addresses.append(ipaddress.ip_interface(f"{metadata_proxy.METADATA_ADDRESS}/32"))
         netlink.configure_netns_interface(ns, ns_if, spec.dhcp_port.mac_address, spec.mtu, addresses)
 
     async def _ensure_dhcp(self, spec: NetworkSpec) -> None:
@@ -190,20 +225,33 @@ class LinuxNetworkDriver(NetworkDriver):
         await asyncio.to_thread(self._ensure_dhcp_links, spec, ns)
         files = self._dhcp_files(spec.id)
         files.directory.mkdir(parents=True, exist_ok=True)
-        args = dnsmasq.dnsmasq_args(spec, names.dhcp_veth_ns(spec.id), files)
+        metadata = self._metadata_wanted(spec)
+        args = dnsmasq.dnsmasq_args(spec, names.dhcp_veth_ns(spec.id), files, metadata=metadata)
         hosts_changed = dnsmasq.write_if_changed(files.hosts, dnsmasq.hosts_file(spec))
         found = dnsmasq.running(files)
         if found is not None and found[1][1:] == args[1:]:
             if hosts_changed:
                 dnsmasq.reload(found[0])
+        else:
+            if found is not None:
+                log.info("network %s: dnsmasq configuration changed, restarting", spec.id)
+                await dnsmasq.stop(files)
+            await dnsmasq.start(netlink.netns_path(ns), args, files)
+        await self._ensure_metadata_proxy(spec, ns, metadata)
+
+    async def _ensure_metadata_proxy(self, spec: NetworkSpec, ns: str, wanted: bool) -> None:
+        files = self._proxy_files(spec.id)
+        if not wanted:
+            await metadata_proxy.stop(files)
             return
-        if found is not None:
-            log.info("network %s: dnsmasq configuration changed, restarting", spec.id)
-            await dnsmasq.stop(files)
-        await dnsmasq.start(netlink.netns_path(ns), args, files)
+        assert self.metadata_upstream is not None and self.metadata_key_file is not None
+        args = metadata_proxy.proxy_args(
+            netlink.netns_path(ns), spec.id, self.metadata_upstream, self.metadata_key_file, files)
+        await metadata_proxy.ensure(args, files)
 
     async def _remove_dhcp(self, network_id: str) -> None:
         files = self._dhcp_files(network_id)
+        await metadata_proxy.stop(self._proxy_files(network_id))
         await dnsmasq.stop(files)
         ns = names.dhcp_netns(self.host_tag, network_id)
 

@@ -249,7 +249,7 @@ def configure_netns_interface(
         have = set()
         for addr in nsr.get_addr(index=index):
             ip = ipaddress.ip_address(addr.get("IFA_ADDRESS"))
-            if ip.is_link_local:
+            if ip.version == 6 and ip.is_link_local:
                 continue
             have.add((str(ip), addr["prefixlen"]))
         for ip, plen in have - want:

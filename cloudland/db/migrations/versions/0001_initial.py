@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-21 06:28:23.108412
+Create Date: 2026-11-21 07:13:14.692580
 """
 
 from alembic import op
@@ -118,8 +118,10 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('instances', schema=None) as batch_op:
+        batch_op.create_index('ix_instances_created', ['created_at', 'id'], unique=False)
         batch_op.create_index('ix_instances_host', ['host', 'deleted'], unique=False)
         batch_op.create_index('ix_instances_project_created', ['project_id', 'deleted_at', 'created_at', 'id'], unique=False)
+        batch_op.create_index('ix_instances_updated', ['updated_at'], unique=False)
 
     op.create_table('keypairs',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
@@ -321,8 +323,10 @@ def downgrade() -> None:
 
     op.drop_table('keypairs')
     with op.batch_alter_table('instances', schema=None) as batch_op:
+        batch_op.drop_index('ix_instances_updated')
         batch_op.drop_index('ix_instances_project_created')
         batch_op.drop_index('ix_instances_host')
+        batch_op.drop_index('ix_instances_created')
 
     op.drop_table('instances')
     with op.batch_alter_table('images', schema=None) as batch_op:

@@ -1,0 +1,68 @@
+"""Security groups in specs: each port's rules and the addresses of remote groups' members."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cloudland.bus.messages import PortSpec, SecurityRuleSpec
+from cloudland.db.models import IpAllocation, Port, SecurityGroupRule
+
+
+def _protocol(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    from cloudland.api.network.secgroup_rules import PROTOCOLS
+
+    return PROTOCOLS.get(value)
+
+
+async def rules_of_groups(
+    session: AsyncSession, group_ids: Iterable[str]
+) -> dict[str, list[SecurityRuleSpec]]:
+    ids = sorted(set(group_ids))
+    result: dict[str, list[SecurityRuleSpec]] = defaultdict(list)
+    if ids:
+        for r in await session.scalars(
+            select(SecurityGroupRule)
+            .where(SecurityGroupRule.security_group_id.in_(ids))
+            .order_by(SecurityGroupRule.created_at, SecurityGroupRule.id)
+        ):
+            result[r.security_group_id].append(
+                SecurityRuleSpec(
+                    direction=r.direction,
+                    ethertype=r.ethertype,
+                    protocol=_protocol(r.protocol),
+                    port_range_min=r.port_range_min,
+                    port_range_max=r.port_range_max,
+                    remote_ip_prefix=r.remote_ip_prefix,
+                    remote_group_id=r.remote_group_id,
+                )
+            )
+    return result
+
+
+def port_rules(port: Port, rules: dict[str, list[SecurityRuleSpec]]) -> list[SecurityRuleSpec]:
+    return [r for g in port.security_groups or [] for r in rules.get(g, [])]
+
+
+async def remote_groups(session: AsyncSession, ports: Iterable[PortSpec]) -> dict[str, list[str]]:
+    """{group id: member addresses} for every remote group the ports' rules name."""
+    wanted = {r.remote_group_id for p in ports for r in p.security_rules if r.remote_group_id}
+    if not wanted:
+        return {}
+    members: dict[str, set[str]] = {g: set() for g in wanted}
+    rows = await session.execute(
+        select(Port.security_groups, IpAllocation.ip_address).join(
+            IpAllocation, IpAllocation.port_id == Port.id
+        )
+    )
+    for groups, ip in rows:
+        for g in set(groups or []) & wanted:
+            members[g].add(ip)
+    return {g: sorted(ips) for g, ips in members.items()}

@@ -1,0 +1,1 @@
+"""Instance metadata: the documents the metadata service and the config drive serve."""
