@@ -32,6 +32,9 @@ def scale(
     host_down: Annotated[float, typer.Option(help="controller.host_down_seconds")] = 10.0,
     work_dir: Annotated[Path | None, typer.Option(help="Keep everything here (default: a temp dir)")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the last server")] = 1800.0,
+    vms_per_network: Annotated[int, typer.Option(min=1, help="Servers per tenant network")] = 50,
+    prefill: Annotated[int, typer.Option(help="Server rows written to the database first (ERROR, "
+                                              "unscheduled): list latency at size")] = 0,
 ) -> None:
     """Launch VMS servers on HYPERVISORS simulated hypervisors through the real API; print figures."""
     from cloudland.bench.scale import ScaleOptions, report, run_scale
@@ -40,7 +43,8 @@ def scale(
                         api_workers=api_workers, clients=clients, projects=projects,
                         hosts_per_rack=hosts_per_rack, hosts_per_process=hosts_per_process,
                         heartbeat_seconds=heartbeat, host_down_seconds=host_down, work_dir=work_dir,
-                        timeout=timeout, log=lambda m: typer.echo(f"[{time.strftime('%H:%M:%S')}] {m}"))
+                        timeout=timeout, vms_per_network=vms_per_network, prefill=prefill,
+                        log=lambda m: typer.echo(f"[{time.strftime('%H:%M:%S')}] {m}"))
     try:
         import uvloop
 

@@ -34,7 +34,7 @@ from cloudland.bus.messages import (
     state_digest,
 )
 from cloudland.config import Config
-from cloudland.controller import scheduler, specs
+from cloudland.controller import scheduler, secgroups, specs
 from cloudland.controller.hosts import HostIndex, HostInfo
 from cloudland.controller.instance_status import Outcome, apply_statuses, finalize_delete
 from cloudland.db.models import Host, Instance
@@ -202,9 +202,12 @@ class Reconciler:
             return
         nets, self._peers_of = self._peers_of, set()
         members = await specs.hosts_of_networks(session, nets)
+        # Remote-group member sets travel in full specs, not in NetworkPeers.
+        with_groups = await secgroups.networks_with_groups(session, nets) if self.broadcast else set()
         for net, hosts in members.items():
-            if self.broadcast is None:
+            if self.broadcast is None or net in with_groups:
                 self.dirty_nets.update((h, net) for h in hosts)
+            if self.broadcast is None:
                 continue
             addresses = sorted({a for h in hosts for a in [self._peer_address(h)] if a})
             if self._peers_sent.get(net) != addresses:

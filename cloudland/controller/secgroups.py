@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.bus.messages import PortSpec, SecurityRuleSpec
-from cloudland.db.models import IpAllocation, Port, SecurityGroupRule
+from cloudland.db.models import IpAllocation, Port, SecurityGroup, SecurityGroupRule
 
 
 def _protocol(value: str | None) -> int | None:
@@ -57,12 +57,22 @@ async def remote_groups(session: AsyncSession, ports: Iterable[PortSpec]) -> dic
     if not wanted:
         return {}
     members: dict[str, set[str]] = {g: set() for g in wanted}
+    # A group's members are ports of its own project: read only those projects' ports.
+    projects = select(SecurityGroup.project_id).where(SecurityGroup.id.in_(wanted))
     rows = await session.execute(
-        select(Port.security_groups, IpAllocation.ip_address).join(
-            IpAllocation, IpAllocation.port_id == Port.id
-        )
+        select(Port.security_groups, IpAllocation.ip_address)
+        .join(IpAllocation, IpAllocation.port_id == Port.id)
+        .where(Port.project_id.in_(projects))
     )
     for groups, ip in rows:
         for g in set(groups or []) & wanted:
             members[g].add(ip)
     return {g: sorted(ips) for g, ips in members.items()}
+
+
+async def networks_with_groups(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:
+    """The networks (of ``network_ids``) with a port in a security group: their hosts' rule
+    sets may name remote groups, whose members change when ports come and go."""
+    rows = await session.execute(
+        select(Port.network_id, Port.security_groups).where(Port.network_id.in_(list(network_ids))))
+    return {net for net, groups in rows if groups}
