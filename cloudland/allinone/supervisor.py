@@ -138,7 +138,7 @@ class AllInOne:
             argv += ["--config", str(self.config_path)]
         return argv
 
-    def _agents(self, topo: topology.Topology | None, nats_url: str) -> list[ChildProcess]:
+    def _agents(self, topo: topology.Topology | None, nats_url: str, api_url: str) -> list[ChildProcess]:
         cfg = self.config
         if topo is None:
             return [ChildProcess("agent", self._cli("agent"), logs_dir(cfg) / "agent.log",
@@ -147,7 +147,7 @@ class AllInOne:
             ChildProcess(f"agent {hv.host_id}",
                          ["nsenter", f"--net={hv.netns_path}", "--",
                           *self._cli("agent", "--host-id", hv.host_id, "--underlay-address", hv.address,
-                                     "--nats-url", nats_url)],
+                                     "--nats-url", nats_url, "--api-url", api_url)],
                          logs_dir(cfg) / f"agent-{hv.host_id}.log", agent_pid_path(cfg, hv.host_id))
             for hv in topo.hypervisors
         ]
@@ -188,7 +188,7 @@ class AllInOne:
         api_task = asyncio.create_task(server.serve(sockets=bind_sockets(listen, cfg.api.listen_port)))
         controller = ControllerService(cfg)
         await controller.start()
-        agents = self._agents(topo, cfg.nats.url)
+        agents = self._agents(topo, cfg.nats.url, cfg.api.agent_url())
         for agent in agents:
             await agent.start()
         try:
@@ -262,9 +262,13 @@ async def stop_guests(config: Config, timeout: float) -> int:
 
 
 def remove_topology(config: Config) -> bool:
-    """Remove the namespaces and the underlay of ``--hypervisors N``; False if there were none."""
+    """Remove the namespaces and the underlay of ``--hypervisors N``; False if there were none.
+    With one hypervisor, stop its DHCP and metadata services (the next start rebuilds them)."""
     topo = topology.plan(config)
-    if topo is None or not topology.exists(topo):
+    if topo is None:
+        topology.stop_dhcp(config.host_id(), config.agent_state_dir(config.host_id()))
+        return False
+    if not topology.exists(topo):
         return False
     topology.destroy(topo)
     return True

@@ -116,21 +116,22 @@ def build(topo: Topology) -> None:
                 nsr.link("set", index=inner, state="up")
 
 
-def stop_dhcp(hv: Hypervisor) -> None:
-    """Kill the hypervisor's dnsmasq processes and remove its DHCP namespaces (the agent's
+def stop_dhcp(host_id: str, agent_state_dir: Path) -> None:
+    """Kill the hypervisor's dnsmasq and metadata proxy processes and remove its DHCP namespaces (the agent's
     saved network specs stay: the next start rebuilds from them)."""
-    from cloudland.agent.drivers.network import dnsmasq
+    from cloudland.agent.drivers.network import dnsmasq, metadata_proxy
     from cloudland.agent.factory import host_tag
 
-    dhcp_root = hv.state_dir / "network" / "dhcp"
+    dhcp_root = agent_state_dir / "network" / "dhcp"
     if dhcp_root.is_dir():
         for directory in dhcp_root.iterdir():
-            files = dnsmasq.DhcpFiles(directory)
-            found = dnsmasq.running(files)
-            if found is not None:
-                os.kill(found[0], signal.SIGTERM)
-                files.pid.unlink(missing_ok=True)
-    prefix = names.dhcp_netns_prefix(host_tag(hv.host_id))
+            for files, running in ((dnsmasq.DhcpFiles(directory), dnsmasq.running),
+                                   (metadata_proxy.ProxyFiles(directory), metadata_proxy.running)):
+                found = running(files)  # type: ignore[arg-type]
+                if found is not None:
+                    os.kill(found[0], signal.SIGTERM)
+                    files.pid.unlink(missing_ok=True)
+    prefix = names.dhcp_netns_prefix(host_tag(host_id))
     for ns in netns.listnetns():
         if ns.startswith(prefix):
             netns.remove(ns)
@@ -139,7 +140,7 @@ def stop_dhcp(hv: Hypervisor) -> None:
 def destroy(topo: Topology) -> None:
     """Remove the namespaces (with every device in them), the DHCP namespaces and the bridge."""
     for hv in topo.hypervisors:
-        stop_dhcp(hv)
+        stop_dhcp(hv.host_id, hv.state_dir)
         netlink.remove_netns(hv.netns)
     with IPRoute() as ipr:
         for hv in topo.hypervisors:

@@ -274,6 +274,8 @@ def agent(
     host_id: Annotated[str | None, typer.Option(help="Overrides agent.host_id")] = None,
     underlay_address: Annotated[str | None, typer.Option(help="Overrides agent.underlay_address")] = None,
     nats_url: Annotated[str | None, typer.Option(help="Overrides nats.url")] = None,
+    api_url: Annotated[str | None, typer.Option(
+        help="Overrides api.internal_url (where the agent's metadata proxies reach the API)")] = None,
 ) -> None:
     """Run the hypervisor agent (as root). Guests keep running when it stops."""
     from cloudland.agent.factory import build_drivers
@@ -287,6 +289,8 @@ def agent(
         cfg.agent.underlay_address = underlay_address
     if nats_url:
         cfg.nats.url = nats_url
+    if api_url:
+        cfg.api.internal_url = api_url
     host_id = cfg.host_id()
     compute, network = build_drivers(cfg, host_id)
     _run(_serve_until_signal(AgentService(cfg, compute, network, host_id=host_id)))
