@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, netns
 
-from cloudland.agent.drivers.network import metadata_proxy, netlink
+from cloudland.agent.drivers.network import metadata_proxy, netlink, pidfile
 from cloudland.secrets import load_or_create_secret, metadata_signature
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -91,4 +91,4 @@ async def test_proxy_forwards_signed_and_is_adopted_and_stopped(namespace: str, 
         finally:
             await metadata_proxy.stop(files)
     assert metadata_proxy.running(files) is None
-    assert metadata_proxy._cmdline(pid) is None
+    assert pidfile.cmdline(pid) is None

@@ -16,6 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloudland.agent.drivers.network import pidfile
 from cloudland.bus.messages import NetworkSpec, SubnetSpec
 
 LEASE_SECONDS = 86400
@@ -181,27 +182,9 @@ def write_if_changed(path: Path, content: str) -> bool:
     return True
 
 
-def _cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    if stat.rsplit(")", 1)[1].split()[0] == "Z":
-        return None
-    return [a.decode() for a in raw.split(b"\0") if a]
-
-
 def running(files: DhcpFiles) -> tuple[int, list[str]] | None:
-    """(pid, argv) of the dnsmasq that owns this pid file, if it is alive."""
-    try:
-        pid = int(files.pid.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    argv = _cmdline(pid)
-    if argv is None or f"--pid-file={files.pid}" not in argv:
-        return None
-    return pid, argv
+    """(pid, argv) of the live dnsmasq that owns this pid file."""
+    return pidfile.running(files.pid)
 
 
 async def start(netns_path: str, args: list[str], files: DhcpFiles) -> int:
@@ -227,16 +210,4 @@ def reload(pid: int) -> None:
 
 
 async def stop(files: DhcpFiles, timeout: float = 5.0) -> None:
-    found = running(files)
-    if found is None:
-        return
-    pid = found[0]
-    os.kill(pid, signal.SIGTERM)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while _cmdline(pid) is not None:
-        if loop.time() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            deadline = loop.time() + timeout
-        await asyncio.sleep(0.05)
-    files.pid.unlink(missing_ok=True)
+    await pidfile.stop(files.pid, timeout)

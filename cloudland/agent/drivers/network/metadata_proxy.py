@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from cloudland.agent.drivers.network import pidfile
 from cloudland.secrets import metadata_signature
 
 METADATA_ADDRESS = "169.254.169.254"
@@ -62,27 +63,9 @@ def proxy_args(netns_path: str, network_id: str, upstream: str, key_file: Path,
 # --- control, from the agent ------------------------------------------------------------
 
 
-def _cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-        return None
-    return [a.decode() for a in raw.split(b"\0") if a]
-
-
 def running(files: ProxyFiles) -> tuple[int, list[str]] | None:
     """(pid, argv) of the live proxy that owns this pid file."""
-    try:
-        pid = int(files.pid.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    argv = _cmdline(pid)
-    if argv is None or f"--pid-file={files.pid}" not in argv:
-        return None
-    return pid, argv
+    return pidfile.running(files.pid)
 
 
 async def ensure(args: list[str], files: ProxyFiles) -> int:
@@ -107,18 +90,7 @@ async def ensure(args: list[str], files: ProxyFiles) -> int:
 
 
 async def stop(files: ProxyFiles, timeout: float = 5.0) -> None:
-    found = running(files)
-    if found is not None:
-        pid = found[0]
-        os.kill(pid, signal.SIGTERM)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while _cmdline(pid) is not None:
-            if loop.time() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                deadline = loop.time() + timeout
-            await asyncio.sleep(0.05)
-    files.pid.unlink(missing_ok=True)
+    await pidfile.stop(files.pid, timeout)
 
 
 # --- the proxy process ------------------------------------------------------------------
