@@ -59,15 +59,21 @@ async def test_host_traffic_stays_on_its_branch(tree: NatsTree) -> None:
         await controller.subscribe(subjects.REPORT_ALL, cb=counter("reports"))
         for nc in (hv_a, hv_b, hv_c, controller):
             await nc.flush()
-        # Interest propagates asynchronously: probe until host a is reachable from the core.
-        for _ in range(200):
-            await controller.publish(subjects.host_cmd("a"), b"probe")
-            await controller.flush()
+        # Interest propagates asynchronously through the leaves: probe both directions (core to
+        # host a, zone 2 up to the controller) until each has carried a message.
+        for _ in range(500):
+            if not got["a"]:
+                await controller.publish(subjects.host_cmd("a"), b"probe")
+                await controller.flush()
+            if not got["reports"]:
+                await hv_c.publish(subjects.report("z2"), b"probe")
+                await hv_c.flush()
             await asyncio.sleep(0.02)
-            if got["a"]:
+            if got["a"] and got["reports"]:
                 break
+        assert got["a"] and got["reports"], "interest never propagated through the tree"
         await asyncio.sleep(0.3)
-        got["a"] = 0
+        got["a"] = got["reports"] = 0
         before = {name: in_msgs(tree, name) for name in tree.nodes}
 
         for _ in range(500):
