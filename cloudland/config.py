@@ -84,9 +84,9 @@ class AgentConfig(Section):
     # This host's address on the underlay (VXLAN endpoint, advertised in heartbeats);
     # default: the source address of the default route, else 127.0.0.1.
     underlay_address: str = ""
-    # Security groups as nftables rules per port. Experimental, off by default: the rules are
-    # tested per host but not yet across hypervisors with real guests (issue 4).
-    enforce_security_groups: bool = False
+    # Security groups and anti-spoofing as nftables rules per port (docs/networking.md). Off
+    # only to debug the data plane: with it off every guest may talk to every other on its network.
+    enforce_security_groups: bool = True
 
 
 class ControllerConfig(Section):

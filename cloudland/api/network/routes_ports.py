@@ -240,6 +240,7 @@ async def update_port(port_id: str, request: Request, ctx: RequestContext = Depe
             if await ipam.mac_taken(session, port.network_id, mac):
                 raise ipam.mac_in_use(port.network_id, mac)
             port.mac_address = mac
+    old_groups = set(port.security_groups or [])
     for key, value in values.items():
         setattr(port, key, value)
     if "fixed_ips" in attrs:
@@ -251,7 +252,10 @@ async def update_port(port_id: str, request: Request, ctx: RequestContext = Depe
     await session.commit()
     if {"security_groups", "port_security_enabled", "allowed_address_pairs", "fixed_ips"} & set(values) | \
             ({"fixed_ips"} & set(attrs)):
-        await notify(request, session, set(port.security_groups or []))
+        # Old and new groups: members left one and joined the other; the port's own network:
+        # its host's rules for this port changed even when it is in no group any more.
+        await notify(request, session, old_groups | set(port.security_groups or []),
+                     {port.network_id} if port.binding_host_id else set())
     return {"port": await _view(session, ctx, port)}
 
 

@@ -137,8 +137,10 @@ async def _check_quota(session: AsyncSession, resource: str, project_id: str, ad
         raise ApiError(409, f"Quota exceeded for resources: ['{resource}'].", "OverQuota")
 
 
-async def notify(request: Request, session: AsyncSession, group_ids: set[str]) -> None:
-    """Wake the controllers for every network with a bound port in (or admitted by) these groups."""
+async def notify(request: Request, session: AsyncSession, group_ids: set[str],
+                 networks_also: set[str] | None = None) -> None:
+    """Wake the controllers for every network with a bound port in (or admitted by) these groups,
+    and for ``networks_also`` (a port's own network, when its filtering changed)."""
     referring = set(
         await session.scalars(select(R.security_group_id).where(R.remote_group_id.in_(group_ids)))
     )
@@ -148,9 +150,9 @@ async def notify(request: Request, session: AsyncSession, group_ids: set[str]) -
             Port.binding_host_id != "", Port.port_security_enabled.is_(True)
         )
     )
-    networks = sorted({net for net, groups in rows if affected & set(groups or [])})
+    networks = {net for net, groups in rows if affected & set(groups or [])} | (networks_also or set())
     if networks:
-        await wake_controller(request, [], networks)
+        await wake_controller(request, [], sorted(networks))
 
 
 # --- groups -----------------------------------------------------------------------------------

@@ -7,14 +7,20 @@ leaves by (high 16 bits). ``inet cloudland``: the stateful part, which br_netfil
 here (no nf_conntrack_bridge), and the inet hooks only see the bridge, not its ports, hence the
 mark. Egress rules ``return`` (so the destination port's ingress rules still apply), ingress
 rules ``accept``; both end in ``drop``.
+
+Tenants may use the same addresses on one host, so every network's bridge gets its own
+conntrack zone (set in ``raw`` prerouting, before conntrack runs): a connection of one tenant
+never makes another tenant's identical 5-tuple "established".
 """
 
 from __future__ import annotations
 
 import ipaddress
 import subprocess
+import zlib
 from pathlib import Path
 
+from cloudland.agent.drivers.network import names
 from cloudland.bus.messages import PortSpec, SecurityRuleSpec
 
 TABLE = "cloudland"
@@ -72,6 +78,20 @@ def _elements(items: list[str]) -> str:
     return "{ " + ", ".join(items) + " }"
 
 
+def conntrack_zones(network_ids: list[str]) -> dict[str, int]:
+    """A conntrack zone (1..65535) per network, stable as long as the network's id is: taken
+    from the id, moved to the next free zone on a clash between this host's networks."""
+    zones: dict[str, int] = {}
+    used: set[int] = set()
+    for network_id in sorted(set(network_ids)):
+        zone = zlib.crc32(network_id.encode()) % 65535 + 1
+        while zone in used:
+            zone = zone % 65535 + 1
+        zones[network_id] = zone
+        used.add(zone)
+    return zones
+
+
 def render(ports: list[PortSpec], remote_groups: dict[str, list[str]]) -> str:
     """The complete ruleset (both tables) for these ports; an ``nft -f`` script."""
     filtered = [p for p in sorted(ports, key=lambda p: p.port_id) if p.port_security]
@@ -117,6 +137,10 @@ def render(ports: list[PortSpec], remote_groups: dict[str, list[str]]) -> str:
             items = [m for m in members if (":" in m) == (ethertype == "IPv6")]
             elements = f" elements = {_elements(items)};" if items else ""
             inet.append(f"  set {_set_name(group, ethertype)} {{ type {kind}; flags interval;{elements} }}")
+    zones = conntrack_zones([p.network_id for p in ports])
+    inet.append("  chain zones { type filter hook prerouting priority raw; policy accept;")
+    inet += [f'    iifname "{names.bridge_name(n)}" ct zone set {z}' for n, z in zones.items()]
+    inet.append("  }")
     inet += [
         "  chain forward { type filter hook forward priority 0; policy accept;",
         "    meta mark 0 accept",
