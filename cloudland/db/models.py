@@ -341,3 +341,43 @@ class SecurityGroupRule(Base, Timestamps):
     remote_group_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
     description: Mapped[str] = mapped_column(Text, default="")
     revision_number: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Router(Base, Timestamps):
+    """A distributed router. Its interfaces are ports (``device_owner``
+    ``network:router_interface_distributed``, ``device_id`` = router id, the subnet's gateway
+    IP); its gateway ports too (``network:router_gateway``): one per hypervisor that hosts the
+    router (``binding_host_id``), each with its own address on the external network."""
+
+    __tablename__ = "routers"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    admin_state_up: Mapped[bool] = mapped_column(Boolean, default=True)
+    status: Mapped[str] = mapped_column(String(16), default="ACTIVE")
+    external_network_id: Mapped[str | None] = mapped_column(ForeignKey("networks.id"), nullable=True,
+                                                            index=True)
+    enable_snat: Mapped[bool] = mapped_column(Boolean, default=True)
+    routes: Mapped[list[Any]] = mapped_column(default=list)  # [{destination, nexthop}]
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    revision_number: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class FloatingIp(Base, Timestamps):
+    """An address of an external network (held by a ``network:floatingip`` port) and, when
+    associated, the internal port and fixed IP it is translated to, through ``router_id``."""
+
+    __tablename__ = "floating_ips"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(String(64), index=True)
+    floating_network_id: Mapped[str] = mapped_column(ForeignKey("networks.id"), index=True)
+    floating_ip_address: Mapped[str] = mapped_column(String(64))
+    floating_port_id: Mapped[str] = mapped_column(String(36), index=True)
+    port_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    fixed_ip_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    router_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    status: Mapped[str] = mapped_column(String(16), default="DOWN")
+    description: Mapped[str] = mapped_column(Text, default="")
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    revision_number: Mapped[int] = mapped_column(Integer, default=0)
