@@ -87,6 +87,9 @@ class AgentConfig(Section):
     # Security groups and anti-spoofing as nftables rules per port (docs/networking.md). Off
     # only to debug the data plane: with it off every guest may talk to every other on its network.
     enforce_security_groups: bool = True
+    # Flat / VLAN provider networks (an external network among them): physical network name →
+    # this host's uplink interface, e.g. {public = "eth1"} (Neutron's bridge_mappings).
+    physical_networks: dict[str, str] = {}
 
 
 class ControllerConfig(Section):
@@ -106,6 +109,10 @@ class AllInOneConfig(Section):
     # The underlay of that topology: the root side of the bridge gets the first address,
     # hypervisor k the (k+1)-th. NATS and the API listen there too, for the agents.
     underlay_cidr: str = "172.31.250.0/24"
+    # The external network of that topology (the admin's `public`, router:external, flat on
+    # physical network "public"): an "outside" namespace host has the first address (the
+    # subnet's gateway; it answers ping and HTTP), every hypervisor an uplink `ext0` into it.
+    external_cidr: str = "198.51.100.0/24"
 
 
 class Config(Section):

@@ -34,6 +34,7 @@ def build_drivers(config: Config, host_id: str) -> tuple[ComputeDriver, NetworkD
                 state_dir / "network", host_tag=host_tag(host_id), underlay_address=underlay_address(config),
                 metadata_upstream=config.api.agent_url(), metadata_key_file=metadata_key_file(config),
                 enforce_security_groups=config.agent.enforce_security_groups,
+                physical_networks=config.agent.physical_networks,
             ),
         )
     raise ValueError(f"unknown compute driver {config.agent.compute_driver!r}")

@@ -5,6 +5,7 @@ Everything here is idempotent: a second ``cloudland up`` finds the state and car
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,14 @@ class BootstrapResult:
     clouds_yaml: list[Path]
 
 
-async def bootstrap_cloud(config: Config, *, guest_image: Path | None,
-                          user_clouds_yaml: bool) -> BootstrapResult:
+async def bootstrap_cloud(config: Config, *, guest_image: Path | None, user_clouds_yaml: bool,
+                          external: ipaddress.IPv4Interface | None = None) -> BootstrapResult:
+    """``external``: the outside host's address of a dev/test topology; the admin's external
+    network ``public`` gets that subnet with it as gateway."""
     from cloudland.api.compute.flavors import bootstrap_flavors
     from cloudland.api.identity.bootstrap import bootstrap_identity
     from cloudland.api.image import bootstrap_image
-    from cloudland.api.network.bootstrap import bootstrap_demo_network
+    from cloudland.api.network.bootstrap import bootstrap_demo_network, bootstrap_public_network
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
     await upgrade_async(config.database_url)
@@ -44,6 +47,8 @@ async def bootstrap_cloud(config: Config, *, guest_image: Path | None,
         if guest_image is not None:
             image_id = await bootstrap_image(sessionmaker, config, GUEST_IMAGE_NAME, guest_image, "qcow2")
         network_id = await bootstrap_demo_network(sessionmaker, creds.demo_project_id)
+        if external is not None:
+            await bootstrap_public_network(sessionmaker, external)
     finally:
         await engine.dispose()
 

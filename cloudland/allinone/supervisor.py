@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import select
 
+from cloudland.agent.drivers.network import netlink
 from cloudland.allinone import topology
 from cloudland.allinone.bootstrap import BootstrapResult, bootstrap_cloud
 from cloudland.allinone.nats import NatsServer
@@ -147,9 +148,15 @@ class AllInOne:
             ChildProcess(f"agent {hv.host_id}",
                          ["nsenter", f"--net={hv.netns_path}", "--",
                           *self._cli("agent", "--host-id", hv.host_id, "--underlay-address", hv.address,
-                                     "--nats-url", nats_url, "--api-url", api_url)],
+                                     "--nats-url", nats_url, "--api-url", api_url,
+                                     "--physical-network",
+                                     f"{topology.PHYSICAL_NETWORK}={topology.EXTERNAL_IFNAME}")],
                          logs_dir(cfg) / f"agent-{hv.host_id}.log", agent_pid_path(cfg, hv.host_id))
             for hv in topo.hypervisors
+        ] + [
+            ChildProcess("outside host", ["nsenter", f"--net={netlink.netns_path(topo.outside_netns)}", "--",
+                                          sys.executable, "-m", "cloudland.allinone.outside", "--port", "80"],
+                         logs_dir(cfg) / "outside.log", run_dir(cfg) / "outside.pid")
         ]
 
     async def run(self) -> None:
@@ -183,7 +190,8 @@ class AllInOne:
             nats = NatsServer(port=cfg.nats.bundled_port, work_dir=cfg.state_dir / "nats", host=nats_host)
             await nats.start()
         self.bootstrap = await bootstrap_cloud(cfg, guest_image=self.guest_image,
-                                               user_clouds_yaml=self.user_clouds_yaml)
+                                               user_clouds_yaml=self.user_clouds_yaml,
+                                               external=topo.outside if topo else None)
         server = http_server(create_app(cfg), cfg.api.listen_host, cfg.api.listen_port)
         api_task = asyncio.create_task(server.serve(sockets=bind_sockets(listen, cfg.api.listen_port)))
         controller = ControllerService(cfg)

@@ -26,6 +26,9 @@ from cloudland.config import Config
 log = logging.getLogger(__name__)
 
 UNDERLAY_IFNAME = "underlay"
+EXTERNAL_IFNAME = "ext0"  # a hypervisor's uplink to the external network
+PHYSICAL_NETWORK = "public"
+OUTSIDE_IFNAME = "eth0"
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Hypervisor:
     address: str  # underlay address inside the namespace
     veth: str  # root end of its underlay veth
     state_dir: Path  # the agent's state directory
+    ext_veth: str = ""  # root end of its external uplink veth (``ext0`` inside)
 
     @property
     def netns_path(self) -> str:
@@ -46,10 +50,18 @@ class Topology:
     bridge: str
     gateway: ipaddress.IPv4Interface  # root side: NATS and the API listen on its address
     hypervisors: list[Hypervisor]
+    external_bridge: str = ""  # the external network's segment (root namespace)
+    outside_netns: str = ""  # the "outside" host: the internet of this topology
+    outside: ipaddress.IPv4Interface | None = None  # its address (the external subnet's gateway)
 
     @property
     def gateway_ip(self) -> str:
         return str(self.gateway.ip)
+
+    @property
+    def outside_ip(self) -> str:
+        assert self.outside is not None
+        return str(self.outside.ip)
 
 
 def host_ids(config: Config) -> list[str]:
@@ -72,9 +84,14 @@ def plan(config: Config) -> Topology | None:
     for k, host_id in enumerate(host_ids(config), start=1):
         names.check_id(host_id, "host id")
         hosts.append(Hypervisor(host_id=host_id, netns=f"clhv-{host_id}", address=str(net[1 + k]),
-                                veth=f"clu{tag}h{k}", state_dir=config.agent_state_dir(host_id)))
+                                veth=f"clu{tag}h{k}", state_dir=config.agent_state_dir(host_id),
+                                ext_veth=f"cle{tag}h{k}"))
+    ext = ipaddress.ip_network(config.allinone.external_cidr)
+    if ext.version != 4 or ext.num_addresses < 16:
+        raise ValueError(f"allinone.external_cidr {ext} is not an IPv4 network of at least 16 addresses")
     return Topology(bridge=f"clu{tag}", gateway=ipaddress.IPv4Interface((net[1], net.prefixlen)),
-                    hypervisors=hosts)
+                    hypervisors=hosts, external_bridge=f"cle{tag}", outside_netns=f"clout-{tag}",
+                    outside=ipaddress.IPv4Interface((ext[1], ext.prefixlen)))
 
 
 def _ensure_address(ipr: IPRoute, index: int, iface: ipaddress.IPv4Interface) -> None:
@@ -83,8 +100,58 @@ def _ensure_address(ipr: IPRoute, index: int, iface: ipaddress.IPv4Interface) ->
         ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
 
 
+def _ensure_bridge(ipr: IPRoute, name: str) -> int:
+    index = netlink.link_index(ipr, name)
+    if index is None:
+        ipr.link("add", ifname=name, kind="bridge")
+        index = netlink.link_index(ipr, name)
+        assert index is not None
+    ipr.link("set", index=index, state="up")
+    return index
+
+
+def _ensure_veth_pair(ipr: IPRoute, root_end: str, ns: str, inner: str, bridge: int) -> None:
+    index = netlink.link_index(ipr, root_end)
+    if index is None:
+        with IPRoute(netns=ns, flags=0) as nsr:
+            netlink.delete_link(nsr, inner)
+        ipr.link("add", ifname=root_end, kind="veth", peer={"ifname": inner, "net_ns_fd": ns})
+        index = netlink.link_index(ipr, root_end)
+        assert index is not None
+    ipr.link("set", index=index, master=bridge, state="up")
+    with IPRoute(netns=ns, flags=0) as nsr:
+        inner_index = netlink.link_index(nsr, inner)
+        if inner_index is None:
+            raise RuntimeError(f"{inner} missing in namespace {ns}")
+        nsr.link("set", index=inner_index, state="up")
+
+
+def build_external(topo: Topology) -> None:
+    """The external segment: a bridge, the outside host on it, every hypervisor's ``ext0``."""
+    if not topo.external_bridge or topo.outside is None:
+        return
+    with IPRoute() as ipr:
+        br = _ensure_bridge(ipr, topo.external_bridge)
+        netlink.ensure_netns(topo.outside_netns)
+        _ensure_veth_pair(ipr, f"{topo.external_bridge}o", topo.outside_netns, OUTSIDE_IFNAME, br)
+        with IPRoute(netns=topo.outside_netns, flags=0) as nsr:
+            lo = netlink.link_index(nsr, "lo")
+            assert lo is not None
+            nsr.link("set", index=lo, state="up")
+            eth = netlink.link_index(nsr, OUTSIDE_IFNAME)
+            assert eth is not None
+            _ensure_address(nsr, eth, topo.outside)
+        for hv in topo.hypervisors:
+            _ensure_veth_pair(ipr, hv.ext_veth, hv.netns, EXTERNAL_IFNAME, br)
+
+
 def build(topo: Topology) -> None:
     """Create whatever is missing: the bridge, the namespaces, the veths and addresses."""
+    _build_underlay(topo)
+    build_external(topo)
+
+
+def _build_underlay(topo: Topology) -> None:
     with IPRoute() as ipr:
         br = netlink.link_index(ipr, topo.bridge)
         if br is None:
@@ -131,9 +198,11 @@ def stop_dhcp(host_id: str, agent_state_dir: Path) -> None:
                 if found is not None:
                     os.kill(found[0], signal.SIGTERM)
                     files.pid.unlink(missing_ok=True)
-    prefix = names.dhcp_netns_prefix(host_tag(host_id))
+    from cloudland.agent.drivers.network.router import netns_prefix
+
+    prefixes = (names.dhcp_netns_prefix(host_tag(host_id)), netns_prefix(host_tag(host_id)))
     for ns in netns.listnetns():
-        if ns.startswith(prefix):
+        if ns.startswith(prefixes):  # DHCP and router namespaces (rebuilt from the specs)
             netns.remove(ns)
 
 
@@ -142,10 +211,17 @@ def destroy(topo: Topology) -> None:
     for hv in topo.hypervisors:
         stop_dhcp(hv.host_id, hv.state_dir)
         netlink.remove_netns(hv.netns)
+    if topo.outside_netns:
+        netlink.remove_netns(topo.outside_netns)
     with IPRoute() as ipr:
         for hv in topo.hypervisors:
             netlink.delete_link(ipr, hv.veth)
+            if hv.ext_veth:
+                netlink.delete_link(ipr, hv.ext_veth)
         netlink.delete_link(ipr, topo.bridge)
+        if topo.external_bridge:
+            netlink.delete_link(ipr, f"{topo.external_bridge}o")
+            netlink.delete_link(ipr, topo.external_bridge)
 
 
 def exists(topo: Topology) -> bool:

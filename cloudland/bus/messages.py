@@ -102,12 +102,59 @@ class SubnetSpec(msgspec.Struct, kw_only=True):
     ipv6_address_mode: str | None = None
 
 
+class RouterInterfaceSpec(msgspec.Struct, kw_only=True):
+    """A router's port on one network: the same MAC and gateway address(es) on every host."""
+
+    port_id: str
+    network_id: str
+    mac_address: str
+    addresses: list[str] = []  # "ip/prefixlen", the subnets' gateway addresses
+    mtu: int = 1450
+
+
+class RouterGatewaySpec(msgspec.Struct, kw_only=True):
+    """This host's own port of the router on the external network."""
+
+    port_id: str
+    network_id: str
+    mac_address: str
+    addresses: list[str] = []  # "ip/prefixlen"
+    gateway_ips: list[str] = []  # the external subnets' gateways (default routes)
+    mtu: int = 1500
+
+
+class FloatingIpSpec(msgspec.Struct, kw_only=True):
+    floating_ip: str
+    fixed_ip: str
+
+
+class NeighborSpec(msgspec.Struct, kw_only=True):
+    ip: str
+    mac: str
+
+
+class RouterSpec(msgspec.Struct, kw_only=True):
+    """A distributed router as one host realises it for one of its networks (the agent merges
+    the RouterSpecs of all its networks by ``id``): this network's interface, the ports behind it
+    (static neighbours: the router never resolves across the overlay), and the router-wide parts."""
+
+    id: str
+    interface: RouterInterfaceSpec
+    neighbors: list[NeighborSpec] = []
+    gateway: RouterGatewaySpec | None = None
+    enable_snat: bool = True
+    routes: list[dict[str, str]] = []  # [{destination, nexthop}]
+    floating_ips: list[FloatingIpSpec] = []  # for this host's ports
+    host_mac: str = ""  # source MAC of routed frames that leave this host over the overlay
+
+
 class NetworkSpec(msgspec.Struct, kw_only=True):
     """A network as one hypervisor must carry it: its subnets and this host's ports."""
 
     id: str
     network_type: str = "vxlan"
     segmentation_id: int | None = None
+    physical_network: str | None = None  # flat / vlan: the uplink (agent.physical_networks)
     mtu: int = 1450
     subnets: list[SubnetSpec] = []
     # DHCP on this host serves static leases for exactly these ports, from the address(es)
@@ -118,6 +165,8 @@ class NetworkSpec(msgspec.Struct, kw_only=True):
     peers: list[str] = []
     # Security group id → member addresses, for the ports' rules with a remote_group_id.
     remote_groups: dict[str, list[str]] = {}
+    # Routers with an interface on this network that this host realises (it has ports here).
+    routers: list[RouterSpec] = []
 
 
 # --- commands to a host (subject host.<id>.cmd) -----------------------------------------------

@@ -276,6 +276,9 @@ def agent(
     nats_url: Annotated[str | None, typer.Option(help="Overrides nats.url")] = None,
     api_url: Annotated[str | None, typer.Option(
         help="Overrides api.internal_url (where the agent's metadata proxies reach the API)")] = None,
+    physical_network: Annotated[list[str] | None, typer.Option(
+        help="NAME=INTERFACE: the uplink of a flat/VLAN physical network (repeatable; "
+             "adds to agent.physical_networks)")] = None,
 ) -> None:
     """Run the hypervisor agent (as root). Guests keep running when it stops."""
     from cloudland.agent.factory import build_drivers
@@ -291,6 +294,11 @@ def agent(
         cfg.nats.url = nats_url
     if api_url:
         cfg.api.internal_url = api_url
+    for mapping in physical_network or []:
+        name, sep, interface = mapping.partition("=")
+        if not sep or not name or not interface:
+            raise typer.BadParameter(f"expected NAME=INTERFACE, got {mapping!r}")
+        cfg.agent.physical_networks[name] = interface
     host_id = cfg.host_id()
     compute, network = build_drivers(cfg, host_id)
     _run(_serve_until_signal(AgentService(cfg, compute, network, host_id=host_id)))

@@ -203,7 +203,11 @@ class Reconciler:
         nets, self._peers_of = self._peers_of, set()
         members = await specs.hosts_of_networks(session, nets)
         # Remote-group member sets travel in full specs, not in NetworkPeers.
-        with_groups = await secgroups.networks_with_groups(session, nets) if self.broadcast else set()
+        # So do routers' static neighbours.
+        with_groups: set[str] = set()
+        if self.broadcast:
+            with_groups = (await secgroups.networks_with_groups(session, nets)
+                           | await specs.router_specs.networks_with_routers(session, nets))
         for net, hosts in members.items():
             if self.broadcast is None or net in with_groups:
                 self.dirty_nets.update((h, net) for h in hosts)
@@ -402,7 +406,11 @@ class Reconciler:
         now = self.clock()
         commands: list[tuple[str, HostCommand]] = []
         force = {(h, p.network_id) for h, items in ensure.items() for i in items for p in ports[i.id]}
-        net_specs = await specs.network_specs(session, pairs, self._peer_address)
+        bindings = specs.router_specs.GatewayBindings()
+        net_specs = await specs.network_specs(session, pairs, self._peer_address, bindings)
+        if bindings.new:  # a host got its gateway port on an external network: it needs that network
+            self.dirty_nets.update(bindings.new)
+            self._peers_of.update(net for _, net in bindings.new)
         for (host, net), spec in sorted(net_specs.items(), key=lambda kv: kv[0]):
             cmd: HostCommand = EnsureNetwork(spec=spec) if spec else EnsureNetworkAbsent(network_id=net)
             if spec is None and net not in self._reported_networks.get(host, set()) \

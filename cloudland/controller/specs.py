@@ -22,7 +22,7 @@ from cloudland.bus.messages import (
     SubnetSpec,
 )
 from cloudland.config import Config
-from cloudland.controller import secgroups
+from cloudland.controller import router_specs, secgroups
 from cloudland.db.models import Image, Instance, IpAllocation, Network, Port, Subnet
 
 DHCP_OWNER = "network:dhcp"
@@ -129,10 +129,14 @@ HostNetwork = tuple[str, str]
 
 
 async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
-                        peer_address: Callable[[str], str | None]) -> dict[HostNetwork, NetworkSpec | None]:
+                        peer_address: Callable[[str], str | None],
+                        bindings: router_specs.GatewayBindings | None = None,
+                        ) -> dict[HostNetwork, NetworkSpec | None]:
     """NetworkSpec per (host, network); None where the host has no port on it any more.
 
     ``peer_address`` gives the underlay address of an up host (None when down or unknown).
+    Gateway ports bound to a host while building routers are added to ``bindings``: those
+    hosts need the external network's spec too.
     """
     wanted = set(pairs)
     if not wanted:
@@ -162,6 +166,8 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
     addresses = {net: sorted({a for h in hosts for a in [peer_address(h)] if a})
                  for net, hosts in members.items()}
     remote = await secgroups.remote_groups(session, [p for ports in local.values() for p in ports])
+    routers = await router_specs.router_specs(session, [k for k, v in local.items() if v],
+                                              bindings or router_specs.GatewayBindings())
     result: dict[HostNetwork, NetworkSpec | None] = {}
     for host, net_id in wanted:
         network = networks.get(net_id)
@@ -172,6 +178,7 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
         peers = [a for a in addresses.get(net_id, []) if a != own]
         result[(host, net_id)] = NetworkSpec(
             id=net_id, network_type=network.network_type, segmentation_id=network.segmentation_id,
+            physical_network=network.physical_network, routers=routers.get((host, net_id), []),
             mtu=network.mtu, subnets=subnets.get(net_id, []), ports=local[(host, net_id)],
             dhcp_port=dhcp.get(net_id), peers=peers,
             remote_groups={g: remote[g] for p in local[(host, net_id)] for r in p.security_rules

@@ -23,6 +23,7 @@ from pyroute2 import IPRoute
 from cloudland.agent.drivers.network import dnsmasq, metadata_proxy, names, netlink
 from cloudland.agent.drivers.network.base import NetworkDriver
 from cloudland.agent.drivers.network.firewall import Firewall
+from cloudland.agent.drivers.network.router import Routers
 from cloudland.bus.messages import NetworkSpec, PortSpec
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ class LinuxNetworkDriver(NetworkDriver):
 
     def __init__(self, state_dir: Path, host_tag: str, underlay_address: str | None = None,
                  metadata_upstream: str | None = None, metadata_key_file: Path | None = None,
-                 enforce_security_groups: bool = False) -> None:
+                 enforce_security_groups: bool = False,
+                 physical_networks: dict[str, str] | None = None) -> None:
         self.state_dir = Path(state_dir)
         # The metadata service's base URL and the proxy's signing key: both or no metadata proxy.
         self.metadata_upstream = metadata_upstream if metadata_key_file is not None else None
@@ -48,6 +50,10 @@ class LinuxNetworkDriver(NetworkDriver):
         self.enforce_security_groups = enforce_security_groups
         self._firewall = Firewall()
         self._firewall_lock = asyncio.Lock()
+        # Provider (flat / VLAN) networks: physical network name → this host's uplink interface.
+        self.physical_networks = dict(physical_networks or {})
+        self._routers = Routers(self.host_tag)
+        self._routers_lock = asyncio.Lock()
 
     # --- state files ------------------------------------------------------------------
 
@@ -107,6 +113,7 @@ class LinuxNetworkDriver(NetworkDriver):
             else:
                 await self._remove_dhcp(spec.id)
         await self._apply_firewall()
+        await self._converge_routers()
 
     async def remove_network(self, network_id: str) -> None:
         names.check_id(network_id, "network id")
@@ -117,6 +124,16 @@ class LinuxNetworkDriver(NetworkDriver):
             self._spec_path(network_id).unlink(missing_ok=True)
         self._locks.pop(network_id, None)
         await self._apply_firewall()
+        await self._converge_routers()
+
+    async def _converge_routers(self) -> None:
+        """Routers of every network on this host, from the saved specs (``router.py``)."""
+        async with self._routers_lock:
+            specs = [s for n in await self.list_networks() if (s := self._load_spec(n)) is not None]
+            try:
+                await asyncio.to_thread(self._routers.converge, specs)
+            except Exception:
+                log.exception("routers: converging failed")
 
     async def _apply_firewall(self) -> None:
         """Security groups of every port on this host, from the saved specs (``firewall.py``)."""
@@ -168,6 +185,8 @@ class LinuxNetworkDriver(NetworkDriver):
             for port, kind in netlink.bridge_ports(ipr, br_index):
                 if kind == "vxlan" and port != vxlan:
                     netlink.delete_link(ipr, port)
+            if spec.network_type in ("flat", "vlan"):
+                self._ensure_uplink(ipr, spec, br_index)
             if vxlan is None:
                 return
             assert spec.segmentation_id is not None and self.underlay_address is not None
@@ -190,6 +209,30 @@ class LinuxNetworkDriver(NetworkDriver):
                 # The VNI is the network's, so the device is ours even when detached.
                 netlink.delete_link(ipr, names.vxlan_name(spec.segmentation_id))
             netlink.delete_link(ipr, bridge)
+
+    def _ensure_uplink(self, ipr: IPRoute, spec: NetworkSpec, br_index: int) -> None:
+        """A flat network's bridge enslaves this host's uplink for its physical network; a VLAN
+        network's bridge a VLAN device on it."""
+        uplink = self.physical_networks.get(spec.physical_network or "")
+        if uplink is None:
+            if spec.physical_network:
+                log.warning("network %s: physical network %r has no uplink on this host "
+                            "(agent.physical_networks)", spec.id, spec.physical_network)
+            return
+        index = netlink.link_index(ipr, uplink)
+        if index is None:
+            log.warning("network %s: uplink %s does not exist", spec.id, uplink)
+            return
+        if spec.network_type == "vlan" and spec.segmentation_id:
+            name = f"{uplink[:9]}.{spec.segmentation_id}"
+            vlan = netlink.link_index(ipr, name)
+            if vlan is None:
+                ipr.link("add", ifname=name, kind="vlan", link=index, vlan_id=spec.segmentation_id)
+                vlan = netlink.link_index(ipr, name)
+                assert vlan is not None
+            ipr.link("set", index=index, state="up")
+            index = vlan
+        ipr.link("set", index=index, master=br_index, state="up")
 
     def _plug(self, port: PortSpec, tap: str) -> None:
         bridge = names.bridge_name(port.network_id)

@@ -1,0 +1,171 @@
+"""Distributed routers in network specs: what one host needs to realise a router.
+
+A host realises router R when it has ports on a network where R has an interface. It then gets,
+in each such network's spec, a ``RouterSpec``: R's interface there (the same MAC and gateway
+addresses on every host), static neighbours for every port behind it, and R's router-wide
+parts: static routes, SNAT, the floating IPs of this host's ports, and this host's own gateway
+port on the external network (bound here, allocated on first use: every host that realises R
+has its own external address, so SNAT and floating IPs never cross hosts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from cloudland.bus.messages import (
+    FloatingIpSpec,
+    NeighborSpec,
+    RouterGatewaySpec,
+    RouterInterfaceSpec,
+    RouterSpec,
+)
+from cloudland.db.models import FloatingIp, IpAllocation, Network, Port, Router, Subnet
+
+INTERFACE_OWNERS = ("network:router_interface_distributed", "network:router_interface")
+GATEWAY_OWNER = "network:router_gateway"
+DHCP_OWNER = "network:dhcp"
+
+
+def host_mac(host: str, router_id: str) -> str:
+    """Per (host, router) MAC for routed frames leaving over the overlay (Neutron's DVR MAC):
+    locally administered, so never a Neutron port's fa:16:3e:…."""
+    digest = hashlib.sha256(f"{host}/{router_id}".encode()).digest()
+    return "fa:16:3f:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+async def _addresses(session: AsyncSession, port_ids: list[str]) -> dict[str, list[tuple[str, str, int]]]:
+    """{port: [(ip, cidr, version)]}"""
+    result: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+    if port_ids:
+        rows = await session.execute(
+            select(IpAllocation.port_id, IpAllocation.ip_address, Subnet.cidr, Subnet.ip_version)
+            .join(Subnet, Subnet.id == IpAllocation.subnet_id).where(IpAllocation.port_id.in_(port_ids))
+            .order_by(IpAllocation.port_id, Subnet.ip_version, IpAllocation.ip_address))
+        for port_id, ip, cidr, version in rows:
+            result[port_id].append((ip, cidr, version))
+    return result
+
+
+def _with_prefix(ip: str, cidr: str) -> str:
+    return f"{ip}/{ipaddress.ip_network(cidr).prefixlen}"
+
+
+class GatewayBindings:
+    """Gateway ports bound (or allocated) while building: their hosts need the external network."""
+
+    def __init__(self) -> None:
+        self.new: set[tuple[str, str]] = set()  # (host, external network)
+
+
+async def _gateway_port(session: AsyncSession, router: Router, host: str, external: Network,
+                        bindings: GatewayBindings) -> Port:
+    ports = list(await session.scalars(
+        select(Port).where(Port.device_id == router.id, Port.device_owner == GATEWAY_OWNER,
+                           Port.network_id == external.id).order_by(Port.created_at, Port.id)))
+    mine = next((p for p in ports if p.binding_host_id == host), None)
+    if mine is not None:
+        return mine
+    free = next((p for p in ports if not p.binding_host_id), None)
+    if free is None:
+        from cloudland.api.network import ipam
+
+        free = await ipam.create_port(session, network=external, project_id=router.project_id,
+                                      device_id=router.id, device_owner=GATEWAY_OWNER,
+                                      attrs={"port_security_enabled": False})
+    free.binding_host_id = host
+    free.status = "ACTIVE"
+    await session.flush()
+    bindings.new.add((host, external.id))
+    return free
+
+
+async def router_specs(session: AsyncSession, pairs: Iterable[tuple[str, str]],
+                       bindings: GatewayBindings) -> dict[tuple[str, str], list[RouterSpec]]:
+    """RouterSpecs per (host, network), for pairs where the host has ports."""
+    pairs = list(pairs)
+    net_ids = sorted({n for _, n in pairs})
+    if not net_ids:
+        return {}
+    interfaces = list(await session.scalars(
+        select(Port).where(Port.network_id.in_(net_ids), Port.device_owner.in_(INTERFACE_OWNERS))))
+    if not interfaces:
+        return {}
+    routers = {r.id: r for r in await session.scalars(
+        select(Router).where(Router.id.in_({p.device_id for p in interfaces})))}
+    nets_with_router = {p.network_id for p in interfaces}
+    members = list(await session.scalars(
+        select(Port).where(Port.network_id.in_(nets_with_router), Port.device_owner.not_in(
+            (*INTERFACE_OWNERS, DHCP_OWNER, GATEWAY_OWNER)))))
+    addresses = await _addresses(session, [p.id for p in interfaces] + [p.id for p in members])
+    neighbors: dict[str, list[NeighborSpec]] = defaultdict(list)
+    for p in members:
+        for ip, _, _ in addresses.get(p.id, []):
+            neighbors[p.network_id].append(NeighborSpec(ip=ip, mac=p.mac_address))
+    networks = {n.id: n for n in await session.scalars(select(Network).where(
+        Network.id.in_(nets_with_router | {r.external_network_id for r in routers.values()
+                                           if r.external_network_id})))}
+    ext_gateways: dict[str, list[str]] = defaultdict(list)
+    for s in await session.scalars(select(Subnet).where(Subnet.network_id.in_(
+            [r.external_network_id for r in routers.values() if r.external_network_id]))):
+        if s.gateway_ip:
+            ext_gateways[s.network_id].append(s.gateway_ip)
+    fips: dict[str, list[FloatingIp]] = defaultdict(list)
+    for fip in await session.scalars(select(FloatingIp).where(
+            FloatingIp.router_id.in_(list(routers)), FloatingIp.port_id.is_not(None))):
+        fips[fip.router_id or ""].append(fip)
+    # A floating IP lives on the host of its port, whichever network that port is on.
+    fip_ports = sorted({f.port_id for fs in fips.values() for f in fs if f.port_id})
+    host_of = dict((await session.execute(select(Port.id, Port.binding_host_id).where(
+        Port.id.in_(fip_ports)))).tuples().all()) if fip_ports else {}
+
+    result: dict[tuple[str, str], list[RouterSpec]] = defaultdict(list)
+    gateways: dict[tuple[str, str], RouterGatewaySpec] = {}
+    for host, net_id in sorted(pairs):
+        for iface in sorted((p for p in interfaces if p.network_id == net_id), key=lambda p: p.id):
+            router = routers.get(iface.device_id)
+            network = networks.get(net_id)
+            if router is None or network is None or not router.admin_state_up:
+                continue
+            gateway = None
+            external = networks.get(router.external_network_id or "")
+            if external is not None:
+                key = (host, router.id)
+                if key not in gateways:
+                    port = await _gateway_port(session, router, host, external, bindings)
+                    addrs = (await _addresses(session, [port.id])).get(port.id, [])
+                    gateways[key] = RouterGatewaySpec(
+                        port_id=port.id, network_id=external.id, mac_address=port.mac_address,
+                        addresses=[_with_prefix(ip, cidr) for ip, cidr, _ in addrs],
+                        gateway_ips=sorted(ext_gateways.get(external.id, [])), mtu=external.mtu)
+                gateway = gateways[key]
+            result[(host, net_id)].append(RouterSpec(
+                id=router.id,
+                interface=RouterInterfaceSpec(
+                    port_id=iface.id, network_id=net_id, mac_address=iface.mac_address, mtu=network.mtu,
+                    addresses=[_with_prefix(ip, cidr) for ip, cidr, _ in addresses.get(iface.id, [])]),
+                neighbors=sorted(neighbors.get(net_id, []), key=lambda n: n.ip),
+                gateway=gateway, enable_snat=router.enable_snat,
+                routes=[dict(r) for r in router.routes or []],
+                floating_ips=sorted((FloatingIpSpec(floating_ip=f.floating_ip_address,
+                                                    fixed_ip=f.fixed_ip_address or "")
+                                     for f in fips.get(router.id, [])
+                                     if host_of.get(f.port_id or "") == host and f.fixed_ip_address),
+                                    key=lambda f: f.floating_ip),
+                host_mac=host_mac(host, router.id)))
+    return result
+
+
+async def networks_with_routers(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:
+    """Networks (of ``network_ids``) with a router interface: every member host's router holds
+    static neighbours for all ports, so membership changes need full specs."""
+    nets = list(network_ids)
+    if not nets:
+        return set()
+    return set(await session.scalars(select(Port.network_id).distinct().where(
+        Port.network_id.in_(nets), Port.device_owner.in_(INTERFACE_OWNERS))))
