@@ -198,7 +198,9 @@ def stop_dhcp(host_id: str, agent_state_dir: Path) -> None:
                 if found is not None:
                     os.kill(found[0], signal.SIGTERM)
                     files.pid.unlink(missing_ok=True)
-    from cloudland.agent.drivers.network.router import netns_prefix
+    from cloudland.agent.drivers.network.router import netns_prefix, stop_all
+
+    stop_all(agent_state_dir / "network" / "routers")
 
     prefixes = (names.dhcp_netns_prefix(host_tag(host_id)), netns_prefix(host_tag(host_id)))
     for ns in netns.listnetns():

@@ -110,6 +110,9 @@ class RouterInterfaceSpec(msgspec.Struct, kw_only=True):
     mac_address: str
     addresses: list[str] = []  # "ip/prefixlen", the subnets' gateway addresses
     mtu: int = 1450
+    # IPv6 subnets with an ipv6_ra_mode: prefix (CIDR) → "slaac" | "dhcpv6-stateless" |
+    # "dhcpv6-stateful". The router advertises itself as their default router.
+    ra_prefixes: dict[str, str] = {}
 
 
 class RouterGatewaySpec(msgspec.Struct, kw_only=True):

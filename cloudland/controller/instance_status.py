@@ -42,6 +42,8 @@ async def finalize_delete(session: AsyncSession, inst: Instance) -> set[str]:
         await session.execute(
             update(Port).where(Port.id.in_(inst.preserved_port_ids), Port.device_id == inst.id)
             .values(device_id="", device_owner="", binding_host_id="", status="DOWN"))
+    # Like Neutron: a deleted port's floating IPs are disassociated (preserved ports keep theirs).
+    networks |= set(await ipam.disassociate_floating_ips_of_device(session, inst.id))
     await ipam.delete_ports_of_device(session, inst.id)
     now = utcnow()
     inst.deleted = True

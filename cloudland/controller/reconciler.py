@@ -261,6 +261,8 @@ class Reconciler:
             self._peers_of.update(n for ns in nets.values() for n in ns)
         await self._peer_updates(session)
         if sweep:
+            released = await specs.router_specs.release_gateways(session)
+            self.dirty_nets.update(released)
             ids = list(await session.scalars(
                 select(Instance.id).where(Instance.deleted_at.is_(None), Instance.id > self._sweep_marker)
                 .order_by(Instance.id).limit(self.sweep_batch)))

@@ -39,16 +39,20 @@ def host_mac(host: str, router_id: str) -> str:
     return "fa:16:3f:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
-async def _addresses(session: AsyncSession, port_ids: list[str]) -> dict[str, list[tuple[str, str, int]]]:
-    """{port: [(ip, cidr, version)]}"""
-    result: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+Address = tuple[str, str, str | None]  # ip, cidr, IPv6 RA mode (None: v4 or no RA)
+
+
+async def _addresses(session: AsyncSession, port_ids: list[str]) -> dict[str, list[Address]]:
+    result: dict[str, list[Address]] = defaultdict(list)
     if port_ids:
         rows = await session.execute(
-            select(IpAllocation.port_id, IpAllocation.ip_address, Subnet.cidr, Subnet.ip_version)
+            select(IpAllocation.port_id, IpAllocation.ip_address, Subnet.cidr, Subnet.ip_version,
+                   Subnet.ipv6_ra_mode, Subnet.ipv6_address_mode)
             .join(Subnet, Subnet.id == IpAllocation.subnet_id).where(IpAllocation.port_id.in_(port_ids))
             .order_by(IpAllocation.port_id, Subnet.ip_version, IpAllocation.ip_address))
-        for port_id, ip, cidr, version in rows:
-            result[port_id].append((ip, cidr, version))
+        for port_id, ip, cidr, version, ra_mode, address_mode in rows:
+            mode = (address_mode or ra_mode) if version == 6 and ra_mode else None
+            result[port_id].append((ip, cidr, mode))
     return result
 
 
@@ -75,7 +79,8 @@ async def _gateway_port(session: AsyncSession, router: Router, host: str, extern
     if free is None:
         from cloudland.api.network import ipam
 
-        free = await ipam.create_port(session, network=external, project_id=router.project_id,
+        # Like the API's first gateway port: no project (users neither see nor count it).
+        free = await ipam.create_port(session, network=external, project_id="",
                                       device_id=router.id, device_owner=GATEWAY_OWNER,
                                       attrs={"port_security_enabled": False})
     free.binding_host_id = host
@@ -148,7 +153,8 @@ async def router_specs(session: AsyncSession, pairs: Iterable[tuple[str, str]],
                 id=router.id,
                 interface=RouterInterfaceSpec(
                     port_id=iface.id, network_id=net_id, mac_address=iface.mac_address, mtu=network.mtu,
-                    addresses=[_with_prefix(ip, cidr) for ip, cidr, _ in addresses.get(iface.id, [])]),
+                    addresses=[_with_prefix(ip, cidr) for ip, cidr, _ in addresses.get(iface.id, [])],
+                    ra_prefixes={cidr: mode for _, cidr, mode in addresses.get(iface.id, []) if mode}),
                 neighbors=sorted(neighbors.get(net_id, []), key=lambda n: n.ip),
                 gateway=gateway, enable_snat=router.enable_snat,
                 routes=[dict(r) for r in router.routes or []],
@@ -169,3 +175,42 @@ async def networks_with_routers(session: AsyncSession, network_ids: Iterable[str
         return set()
     return set(await session.scalars(select(Port.network_id).distinct().where(
         Port.network_id.in_(nets), Port.device_owner.in_(INTERFACE_OWNERS))))
+
+
+async def release_gateways(session: AsyncSession) -> set[tuple[str, str]]:
+    """Unbind gateway ports from hosts that no longer realise their router (no port of theirs
+    behind it); keep one unbound port per router for the next host, delete the others.
+    Returns the (host, external network) pairs that changed."""
+    gateways = list(await session.scalars(select(Port).where(
+        Port.device_owner == GATEWAY_OWNER).order_by(Port.created_at, Port.id)))
+    if not gateways:
+        return set()
+    routers = {p.device_id for p in gateways}
+    iface_nets: dict[str, set[str]] = defaultdict(set)
+    for router_id, net in await session.execute(select(Port.device_id, Port.network_id).where(
+            Port.device_id.in_(routers), Port.device_owner.in_(INTERFACE_OWNERS))):
+        iface_nets[router_id].add(net)
+    all_nets = {n for nets in iface_nets.values() for n in nets}
+    hosts_on: dict[str, set[str]] = defaultdict(set)
+    if all_nets:
+        for net, host in await session.execute(select(Port.network_id, Port.binding_host_id).distinct().where(
+                Port.network_id.in_(all_nets), Port.binding_host_id != "",
+                Port.device_owner.not_in((*INTERFACE_OWNERS, DHCP_OWNER, GATEWAY_OWNER)))):
+            hosts_on[net].add(host)
+    changed: set[tuple[str, str]] = set()
+    spare: set[str] = set()  # routers that kept an unbound port
+    from cloudland.api.network import ipam
+
+    for port in gateways:
+        router_id, host = port.device_id, port.binding_host_id
+        if host and any(host in hosts_on[n] for n in iface_nets[router_id]):
+            continue
+        if host:
+            changed.add((host, port.network_id))
+        if router_id in spare:
+            await ipam.delete_port(session, port.id)
+        else:
+            spare.add(router_id)
+            port.binding_host_id = ""
+            port.status = "DOWN"
+    return changed

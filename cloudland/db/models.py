@@ -369,6 +369,8 @@ class FloatingIp(Base, Timestamps):
     associated, the internal port and fixed IP it is translated to, through ``router_id``."""
 
     __tablename__ = "floating_ips"
+    # One floating IP per fixed IP (NULLs, i.e. unassociated, repeat freely).
+    __table_args__ = (UniqueConstraint("port_id", "fixed_ip_address"),)
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(String(64), index=True)
     floating_network_id: Mapped[str] = mapped_column(ForeignKey("networks.id"), index=True)

@@ -86,7 +86,9 @@ FIELDS = [
     "mac_address", "device_id", "device_owner", "admin_state_up", "shared", "router:external",
     "provider:network_type", "provider:segmentation_id", "provider:physical_network",
     "port_security_enabled", "allowed_address_pairs", "security_groups", "tags", "mtu",
-    "binding:host_id", "flavorRef", "imageRef", "networks", "uuid", "port", "fixed_ip", "key_name",
+    "binding:host_id", "external_gateway_info", "enable_snat", "external_fixed_ips", "routes",
+    "floating_network_id", "floating_ip_address", "port_id", "fixed_ip_address",
+    "flavorRef", "imageRef", "networks", "uuid", "port", "fixed_ip", "key_name",
     "user_data", "metadata", "min_count", "max_count", "availability_zone", "block_device_mapping_v2",
     "boot_index", "source_type", "destination_type", "config_drive", "public_key", "type", "ram",
     "vcpus", "disk", "swap", "OS-FLV-EXT-DATA:ephemeral", "os-flavor-access:is_public", "rxtx_factor",
@@ -95,7 +97,8 @@ FIELDS = [
     "identity", "methods", "scope", "project", "user", "domain", "token", "extra_specs", "is_domain",
 ]
 WRAPPERS = [
-    "network", "subnet", "port", "server", "flavor", "keypair", "domain", "project", "user", "role",
+    "network", "subnet", "port", "router", "floatingip", "server", "flavor", "keypair", "domain", "project",
+    "user", "role",
     "auth", "extra_specs", "os-start", "os-stop", "reboot", "os-getConsoleOutput", "os-getVNCConsole",
 ]
 TRICKY = [
@@ -144,6 +147,14 @@ def _make_fixtures(base: str, token: str) -> dict[str, str]:
            "domain_id": "default",
            "group_id": post("/network/v2.0/security-groups", {"security_group": {"name": "fz"}})
            ["security_group"]["id"]}
+    ext = post("/network/v2.0/networks", {"network": {"name": "fuzz-public", "router:external": True}})
+    ext = ext["network"]
+    post("/network/v2.0/subnets", {"subnet": {"network_id": ext["id"], "cidr": "172.31.0.0/24",
+                                              "ip_version": 4}})
+    ids["router_id"] = post("/network/v2.0/routers", {"router": {
+        "name": "fuzz-router", "external_gateway_info": {"network_id": ext["id"]}}})["router"]["id"]
+    ids["floatingip_id"] = post("/network/v2.0/floatingips", {"floatingip": {
+        "floating_network_id": ext["id"]}})["floatingip"]["id"]
     for kind, key in (("projects", "project_id"), ("users", "user_id"), ("roles", "role_id")):
         r = httpx.get(f"{base}/identity/v3/{kind}", headers=h)
         ids[key] = r.json()[kind][0]["id"]

@@ -133,10 +133,14 @@ def test_router_joins_subnets_and_snats_to_the_outside(mcloud: MultiHostCloud) -
         cloud.openstack("network", "create", f"rnet{k}", cloud="cloudland")
         cloud.openstack("subnet", "create", "--network", f"rnet{k}", "--subnet-range", f"10.95.{k}.0/24",
                         f"rsub{k}", cloud="cloudland")
+        cloud.openstack("subnet", "create", "--network", f"rnet{k}", "--ip-version", "6", "--ipv6-ra-mode",
+                        "slaac", "--ipv6-address-mode", "slaac", "--subnet-range", f"fd95:{k}::/64",
+                        f"rsub{k}-v6", cloud="cloudland")
     cloud.openstack("router", "create", "r1", cloud="cloudland")
     cloud.openstack("router", "set", "--external-gateway", "public", "r1", cloud="cloudland")
     for k in (1, 2):
         cloud.openstack("router", "add", "subnet", "r1", f"rsub{k}", cloud="cloudland")
+        cloud.openstack("router", "add", "subnet", "r1", f"rsub{k}-v6", cloud="cloudland")
     # Guests answer pings and HTTP from anywhere (the default group admits only its members).
     for args in (["--protocol", "icmp"], ["--protocol", "tcp", "--dst-port", "80"]):
         cloud.openstack("security group rule create", "--ingress", *args, "default", cloud="cloudland")
@@ -144,11 +148,14 @@ def test_router_joins_subnets_and_snats_to_the_outside(mcloud: MultiHostCloud) -
     _create(cloud, "vm-b", "rnet2", hv1, {})
     _create(cloud, "vm-c", "rnet2", hv2, {})
     S["b"], S["c"] = _v4(cloud, "vm-b"), _v4(cloud, "vm-c")
-    _create(cloud, "vm-a", "rnet1", hv1, {"b": S["b"], "c": S["c"]})
+    c6 = next(a for a in cloud.addresses("vm-c") if ":" in a)
+    _create(cloud, "vm-a", "rnet1", hv1, {"b": S["b"], "c": S["c"], "c6": c6})
     S["a"] = _v4(cloud, "vm-a")
-    # East-west across the router: on one hypervisor and across two.
+    # East-west across the router: on one hypervisor and across two, IPv4 and IPv6 (routed, no
+    # NAT: the guests' default IPv6 route comes from their own host's router advertisements).
     wait_for(lambda: _probe(cloud, "vm-a", "b") == "open" and _probe(cloud, "vm-a", "c") == "open",
              timeout=120, what="vm-a reaching vm-b and vm-c through the router")
+    wait_for(lambda: _probe(cloud, "vm-a", "c6") == "open", timeout=60, what="vm-a reaching vm-c over IPv6")
     # North-south without a floating IP: SNAT to the router's address on that hypervisor.
     gateways = _gateway_ips(cloud)
     for name in ("vm-a", "vm-c"):

@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.api.errors import ApiError
-from cloudland.db.models import IpAllocation, Network, Port, Subnet
+from cloudland.db.models import FloatingIp, IpAllocation, Network, Port, Subnet
 
 ROUTER_OWNERS = ("network:router_interface", "network:router_interface_distributed",
                  "network:router_gateway", "network:ha_router_replicated_interface")
@@ -369,3 +369,49 @@ async def port_fixed_ips(session: AsyncSession, port_ids: list[str]) -> dict[str
     for port_id, subnet_id, ip in rows:
         result[port_id].append({"subnet_id": subnet_id, "ip_address": ip})
     return result
+
+
+
+async def _release_floating_ips(session: AsyncSession, fips: list[FloatingIp]) -> set[str]:
+    """Disassociate ``fips``; the networks whose data plane changes (the internal ports' networks
+    and the internal networks of the routers involved)."""
+    if not fips:
+        return set()
+    port_ids = {f.port_id for f in fips if f.port_id}
+    router_ids = {f.router_id for f in fips if f.router_id}
+    networks = set(await session.scalars(select(Port.network_id).where(Port.id.in_(port_ids))))
+    if router_ids:
+        networks |= set(await session.scalars(select(Port.network_id).where(
+            Port.device_id.in_(router_ids),
+            Port.device_owner.in_(("network:router_interface", "network:router_interface_distributed")))))
+    for fip in fips:
+        fip.port_id = fip.fixed_ip_address = fip.router_id = None
+        fip.status = "DOWN"
+        fip.revision_number = (fip.revision_number or 0) + 1
+    await session.flush()
+    return networks
+
+
+async def disassociate_floating_ips(session: AsyncSession, port_ids: list[str]) -> set[str]:
+    """Floating IPs associated with these ports (about to be deleted) lose their association,
+    as in Neutron. Returns the networks to pass to ``wake_controller`` after the commit."""
+    if not port_ids:
+        return set()
+    fips = list(await session.scalars(select(FloatingIp).where(FloatingIp.port_id.in_(port_ids))))
+    return await _release_floating_ips(session, fips)
+
+
+async def disassociate_floating_ips_of_device(session: AsyncSession, device_id: str) -> set[str]:
+    """``disassociate_floating_ips`` for every port of a device (a server being deleted): call it
+    just before ``delete_ports_of_device``."""
+    ids = list(await session.scalars(select(Port.id).where(Port.device_id == device_id)))
+    return await disassociate_floating_ips(session, ids)
+
+
+async def disassociate_stale_floating_ips(session: AsyncSession, port_id: str) -> set[str]:
+    """After a port's fixed IPs changed: floating IPs whose fixed IP the port no longer holds are
+    disassociated. Returns the networks to wake."""
+    held = set(await session.scalars(select(IpAllocation.ip_address).where(IpAllocation.port_id == port_id)))
+    fips = [f for f in await session.scalars(select(FloatingIp).where(FloatingIp.port_id == port_id))
+            if f.fixed_ip_address not in held]
+    return await _release_floating_ips(session, fips)

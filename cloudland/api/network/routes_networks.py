@@ -23,6 +23,7 @@ from cloudland.api.network.query import (
 )
 from cloudland.api.network.quotas import check_quota
 from cloudland.api.network.render import DHCP_OWNER, network_view
+from cloudland.api.network.router_rules import FLOATINGIP_OWNER, GATEWAY_OWNER
 from cloudland.api.network.tags import tag_filter
 from cloudland.api.network.validation import (
     as_bool,
@@ -247,7 +248,13 @@ async def update_network(network_id: str, request: Request, ctx: RequestContext 
     if "port_security_enabled" in attrs:
         net.port_security_enabled = as_bool(attrs["port_security_enabled"], "port_security_enabled")
     if "router:external" in attrs:
-        net.external = as_bool(attrs["router:external"], "router:external")
+        external = as_bool(attrs["router:external"], "router:external")
+        if net.external and not external and await session.scalar(
+                select(func.count()).select_from(Port).where(
+                    Port.network_id == net.id, Port.device_owner.in_((GATEWAY_OWNER, FLOATINGIP_OWNER)))):
+            raise ApiError(409, f"External network {net.id} cannot be updated to be made non-external, since "
+                           "it has existing gateway ports.", "ExternalNetworkInUse")
+        net.external = external
     if "mtu" in attrs:
         net.mtu = _mtu(attrs, net.network_type)
     if "shared" in attrs:

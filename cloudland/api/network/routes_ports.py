@@ -9,7 +9,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.api.context import RequestContext, require_context
-from cloudland.api.deps import get_db
+from cloudland.api.deps import get_db, wake_controller
 from cloudland.api.errors import ApiError, forbidden
 from cloudland.api.network import access, ipam
 from cloudland.api.network.query import (
@@ -23,6 +23,7 @@ from cloudland.api.network.query import (
 )
 from cloudland.api.network.quotas import check_quota
 from cloudland.api.network.render import port_view
+from cloudland.api.network.router_rules import SERVICE_OWNERS
 from cloudland.api.network.routes_security_groups import notify
 from cloudland.api.network.secgroup_rules import ensure_default_group, resolve_groups
 from cloudland.api.network.tags import tag_filter
@@ -243,13 +244,17 @@ async def update_port(port_id: str, request: Request, ctx: RequestContext = Depe
     old_groups = set(port.security_groups or [])
     for key, value in values.items():
         setattr(port, key, value)
+    fip_networks: set[str] = set()
     if "fixed_ips" in attrs:
         await ipam.replace_fixed_ips(session, port, net, as_list(attrs["fixed_ips"], "fixed_ips"))
+        fip_networks = await ipam.disassociate_stale_floating_ips(session, port.id)
     if "security_groups" in values:
         port.security_groups = await resolve_groups(session, port.project_id, values["security_groups"],
                                                     by_name=False)
     port.revision_number = (port.revision_number or 0) + 1
     await session.commit()
+    if fip_networks:
+        await wake_controller(request, [], sorted(fip_networks))
     if {"security_groups", "port_security_enabled", "allowed_address_pairs", "fixed_ips"} & set(values) | \
             ({"fixed_ips"} & set(attrs)):
         # Old and new groups: members left one and joined the other; the port's own network:
@@ -260,13 +265,17 @@ async def update_port(port_id: str, request: Request, ctx: RequestContext = Depe
 
 
 @router.delete("/ports/{port_id}", status_code=204)
-async def delete_port(port_id: str, ctx: RequestContext = Depends(require_context),
+async def delete_port(port_id: str, request: Request, ctx: RequestContext = Depends(require_context),
                       session: AsyncSession = Depends(get_db)) -> Response:
     require_write(ctx)
     port = await access.get_port(session, ctx, port_id)
-    if port.device_owner in ipam.ROUTER_OWNERS:
+    if port.device_owner in SERVICE_OWNERS:
         raise ApiError(409, f"Port {port.id} cannot be deleted directly via the port API: has device owner "
                        f"{port.device_owner}.", "ServicePortInUse")
+    # Like Neutron, a floating IP on the port stays, unassociated.
+    networks = await ipam.disassociate_floating_ips(session, [port.id])
     await ipam.delete_port(session, port.id)
     await session.commit()
+    if networks:
+        await wake_controller(request, [], sorted(networks))
     return Response(status_code=204)

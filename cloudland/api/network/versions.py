@@ -34,6 +34,15 @@ EXTENSIONS = {
     "pagination": ("Pagination support", "Extension that indicates that pagination is enabled."),
     "sorting": ("Sorting support", "Extension that indicates that sorting is enabled."),
     "security-group": ("security-group", "The security groups extension."),
+    "router": ("Neutron L3 Router", "Router abstraction for basic L3 forwarding between L2 Neutron networks "
+               "and access to external networks via a NAT gateway."),
+    "ext-gw-mode": ("Neutron L3 Configurable external gateway mode", "Extension of the router abstraction "
+                    "for specifying whether SNAT should occur on the external gateway"),
+    "extraroute": ("Neutron Extra Route", "Extra routes configuration for L3 router"),
+    "extraroute-atomic": ("Atomically add/remove extra routes", "Edit extra routes of a router on server "
+                          "side by atomically adding/removing extra routes"),
+    "dvr": ("Distributed Virtual Router", "Enables configuration of Distributed Virtual Routers."),
+    "router_availability_zone": ("Router Availability Zone", "Availability zone support for router."),
 }
 RESOURCES = ("network", "subnet", "port", "security-group", "security-group-rule")
 

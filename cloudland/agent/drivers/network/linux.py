@@ -52,7 +52,7 @@ class LinuxNetworkDriver(NetworkDriver):
         self._firewall_lock = asyncio.Lock()
         # Provider (flat / VLAN) networks: physical network name → this host's uplink interface.
         self.physical_networks = dict(physical_networks or {})
-        self._routers = Routers(self.host_tag)
+        self._routers = Routers(self.host_tag, self.state_dir / "routers")
         self._routers_lock = asyncio.Lock()
 
     # --- state files ------------------------------------------------------------------

@@ -11,6 +11,9 @@ Every hypervisor that has ports behind router R runs R itself (``clr-<host>-<rou
   or neighbour discovery from ``rq`` leaves over the overlay, and routed frames that do leave
   (to a guest on another host) carry this host's router MAC instead of the shared gateway MAC,
   so no bridge anywhere learns the gateway MAC behind a VXLAN port (Neutron DVR's host MAC);
+- IPv6: forwarding without NAT; for subnets with an ``ipv6_ra_mode`` (SLAAC or stateless
+  DHCPv6) a dnsmasq in the namespace sends router advertisements (the DHCP namespace's have
+  router lifetime 0), so guests take their own host's router as default IPv6 router;
 - the gateway: ``rg<port>`` on the external network's bridge, ``qg-<port>`` in the namespace
   with this host's own external address, a default route to the external subnet's gateway,
   floating IPs as /32 addresses, and ``ip cloudland_nat``: DNAT/SNAT per floating IP, SNAT
@@ -24,14 +27,18 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.ndmsg import states
 
-from cloudland.agent.drivers.network import names, netlink
+from cloudland.agent.drivers.network import dnsmasq, names, netlink, pidfile
 from cloudland.bus.messages import (
     FloatingIpSpec,
     NeighborSpec,
@@ -163,9 +170,54 @@ def gratuitous_arp(ns: str, ifname: str, ip: str, mac: str) -> None:
     _in_netns(ns, [sys.executable, "-c", _GARP, ifname, ip, mac])
 
 
+RA_MODES = {"slaac": "ra-only", "dhcpv6-stateless": "ra-stateless"}
+RA_INTERVAL_SECONDS = 30
+RA_LIFETIME_SECONDS = 1800
+
+
+def ra_args(router: Router, files: dnsmasq.DhcpFiles) -> list[str]:
+    """dnsmasq sending this router's advertisements; [] when no subnet wants them."""
+    ranges, params, interfaces = [], [], []
+    for port_id, iface in sorted(router.interfaces.items()):
+        qr = _host_end("qr-", port_id)
+        modes = [(ipaddress.ip_network(c), RA_MODES[m]) for c, m in sorted(iface.spec.ra_prefixes.items())
+                 if m in RA_MODES]
+        if not modes:
+            continue
+        interfaces.append(f"--interface={qr}")
+        ranges += [f"--dhcp-range={net.network_address},{mode},{net.prefixlen}" for net, mode in modes]
+        params.append(f"--ra-param={qr},mtu:{iface.spec.mtu},{RA_INTERVAL_SECONDS},{RA_LIFETIME_SECONDS}")
+    if not ranges:
+        return []
+    return ["dnsmasq", "--conf-file=/dev/null", "--no-hosts", "--no-resolv", "--port=0", "--bind-interfaces",
+            *interfaces, "--except-interface=lo", f"--pid-file={files.pid}", f"--log-facility={files.log}",
+            "--user=root", "--group=root", "--enable-ra", *ranges, *params]
+
+
+def _stop_daemon(pid_file: Path, timeout: float = 5.0) -> None:
+    found = pidfile.running(pid_file)
+    if found is not None:
+        os.kill(found[0], signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while pidfile.cmdline(found[0]) is not None:
+            if time.monotonic() > deadline:
+                os.kill(found[0], signal.SIGKILL)
+                deadline = time.monotonic() + timeout
+            time.sleep(0.05)
+    pid_file.unlink(missing_ok=True)
+
+
+def stop_all(state_dir: Path) -> None:
+    """Stop every router's dnsmasq under ``state_dir`` (``cloudland down``)."""
+    if state_dir.is_dir():
+        for directory in state_dir.iterdir():
+            _stop_daemon(dnsmasq.DhcpFiles(directory).pid)
+
+
 class Routers:
-    def __init__(self, host_tag: str, nft: str = "nft") -> None:
+    def __init__(self, host_tag: str, state_dir: Path, nft: str = "nft") -> None:
         self.host_tag = host_tag
+        self.state_dir = Path(state_dir)
         self.nft = nft
         self._applied_bridge: str | None = None
         self._applied_nat: dict[str, str] = {}
@@ -190,7 +242,26 @@ class Routers:
                 raise RuntimeError(f"nft failed: {done.stderr.decode(errors='replace').strip()}")
             self._applied_bridge = script
 
+    def _files(self, router_id: str) -> dnsmasq.DhcpFiles:
+        return dnsmasq.DhcpFiles(self.state_dir / names.check_id(router_id, "router id"))
+
+    def _ensure_ra(self, ns: str, router: Router) -> None:
+        files = self._files(router.id)
+        args = ra_args(router, files)
+        found = dnsmasq.running(files)
+        if found is not None and args and found[1][1:] == args[1:]:
+            return
+        _stop_daemon(files.pid)
+        if not args:
+            return
+        files.directory.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["nsenter", f"--net={netlink.netns_path(ns)}", "--", *args],
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        if done.returncode:
+            raise RuntimeError(f"router dnsmasq failed: {done.stderr.decode(errors='replace').strip()}")
+
     def _remove(self, ns: str, router_id: str) -> None:
+        _stop_daemon(self._files(router_id).pid)
         netlink.remove_netns(ns)  # its ends of the veths go with it, and so do their peers
         self._applied_nat.pop(router_id, None)
         self._announced.pop(router_id, None)
@@ -231,6 +302,7 @@ class Routers:
             self._sync_neighbors(nsr, router)
             gateway_up = gw is not None and _host_end("qg-", gw.port_id) in wanted
             self._sync_routes(nsr, router, gateway_up)
+        self._ensure_ra(ns, router)
         nat = nat_script(router) if gateway_up else ""
         if nat and self._applied_nat.get(router.id) != nat:
             _in_netns(ns, [self.nft, "-f", "-"], nat)

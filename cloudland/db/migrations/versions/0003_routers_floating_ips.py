@@ -50,7 +50,8 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.Column('updated_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['floating_network_id'], ['networks.id']),
-    sa.PrimaryKeyConstraint('id')
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('port_id', 'fixed_ip_address')
     )
     for column in ('project_id', 'floating_network_id', 'floating_port_id', 'port_id', 'router_id'):
         op.create_index(f'ix_floating_ips_{column}', 'floating_ips', [column])
