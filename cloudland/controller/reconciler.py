@@ -201,6 +201,10 @@ class Reconciler:
         if not self._peers_of:
             return
         nets, self._peers_of = self._peers_of, set()
+        # A host that joined or left a network also joined or left the networks a router links
+        # to it (it realises the router).
+        linked = await specs.router_specs.linked_networks(session, nets)
+        nets = nets | {m for n in nets for m in linked.get(n, ())}
         members = await specs.hosts_of_networks(session, nets)
         # Remote-group member sets travel in full specs, not in NetworkPeers.
         # So do routers' static neighbours.

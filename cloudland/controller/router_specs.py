@@ -92,21 +92,34 @@ async def _gateway_port(session: AsyncSession, router: Router, host: str, extern
 
 async def router_specs(session: AsyncSession, pairs: Iterable[tuple[str, str]],
                        bindings: GatewayBindings) -> dict[tuple[str, str], list[RouterSpec]]:
-    """RouterSpecs per (host, network), for pairs where the host has ports."""
+    """RouterSpecs per (host, network). A host realises a router, with all its interfaces, when
+    it has ports on any of the router's networks (Neutron DVR): routed traffic to a guest on
+    another host goes over that guest's network from here, and the reply from that guest's
+    own host's router."""
     pairs = list(pairs)
-    net_ids = sorted({n for _, n in pairs})
-    if not net_ids:
+    pair_nets = sorted({n for _, n in pairs})
+    if not pair_nets:
         return {}
+    touching = select(Port.device_id).where(Port.network_id.in_(pair_nets),
+                                            Port.device_owner.in_(INTERFACE_OWNERS))
     interfaces = list(await session.scalars(
-        select(Port).where(Port.network_id.in_(net_ids), Port.device_owner.in_(INTERFACE_OWNERS))))
+        select(Port).where(Port.device_id.in_(touching), Port.device_owner.in_(INTERFACE_OWNERS))))
     if not interfaces:
         return {}
     routers = {r.id: r for r in await session.scalars(
         select(Router).where(Router.id.in_({p.device_id for p in interfaces})))}
+    router_nets: dict[str, set[str]] = defaultdict(set)
+    for p in interfaces:
+        router_nets[p.device_id].add(p.network_id)
     nets_with_router = {p.network_id for p in interfaces}
     members = list(await session.scalars(
         select(Port).where(Port.network_id.in_(nets_with_router), Port.device_owner.not_in(
             (*INTERFACE_OWNERS, DHCP_OWNER, GATEWAY_OWNER)))))
+    hosts_on: dict[str, set[str]] = defaultdict(set)
+    for p in members:
+        if p.binding_host_id:
+            hosts_on[p.network_id].add(p.binding_host_id)
+    realising = {r: {h for n in nets for h in hosts_on[n]} for r, nets in router_nets.items()}
     addresses = await _addresses(session, [p.id for p in interfaces] + [p.id for p in members])
     neighbors: dict[str, list[NeighborSpec]] = defaultdict(list)
     for p in members:
@@ -135,7 +148,8 @@ async def router_specs(session: AsyncSession, pairs: Iterable[tuple[str, str]],
         for iface in sorted((p for p in interfaces if p.network_id == net_id), key=lambda p: p.id):
             router = routers.get(iface.device_id)
             network = networks.get(net_id)
-            if router is None or network is None or not router.admin_state_up:
+            if router is None or network is None or not router.admin_state_up \
+                    or host not in realising.get(router.id, ()):
                 continue
             gateway = None
             external = networks.get(router.external_network_id or "")
@@ -214,3 +228,21 @@ async def release_gateways(session: AsyncSession) -> set[tuple[str, str]]:
             port.binding_host_id = ""
             port.status = "DOWN"
     return changed
+
+
+async def linked_networks(session: AsyncSession, network_ids: Iterable[str]) -> dict[str, set[str]]:
+    """{network: the other networks a router joins it to}, for networks with router interfaces."""
+    nets = list(network_ids)
+    if not nets:
+        return {}
+    touching = select(Port.device_id).where(Port.network_id.in_(nets),
+                                            Port.device_owner.in_(INTERFACE_OWNERS))
+    by_router: dict[str, set[str]] = defaultdict(set)
+    for router_id, net in await session.execute(select(Port.device_id, Port.network_id).where(
+            Port.device_id.in_(touching), Port.device_owner.in_(INTERFACE_OWNERS))):
+        by_router[router_id].add(net)
+    result: dict[str, set[str]] = defaultdict(set)
+    for joined in by_router.values():
+        for net in joined:
+            result[net] |= joined - {net}
+    return dict(result)

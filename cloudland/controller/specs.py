@@ -101,7 +101,8 @@ def instance_spec(inst: Instance, ports: list[PortSpec], image: ImageRef | None)
 
 
 async def networks_of_hosts(session: AsyncSession, host_ids: Iterable[str]) -> dict[str, set[str]]:
-    """{host: networks it has ports bound on} (DHCP ports are everywhere, so they do not count)."""
+    """{host: networks it carries}: those it has ports bound on (DHCP ports are everywhere, so
+    they do not count) and those a router joins to them (the host realises the router)."""
     hosts = list(host_ids)
     result: dict[str, set[str]] = {h: set() for h in hosts}
     if hosts:
@@ -110,18 +111,27 @@ async def networks_of_hosts(session: AsyncSession, host_ids: Iterable[str]) -> d
             .where(Port.binding_host_id.in_(hosts), Port.device_owner != DHCP_OWNER))
         for host, net in rows:
             result[host].add(net)
+        linked = await router_specs.linked_networks(session, {n for nets in result.values() for n in nets})
+        for nets in result.values():
+            nets |= {m for n in list(nets) for m in linked.get(n, ())}
     return result
 
 
 async def hosts_of_networks(session: AsyncSession, network_ids: Iterable[str]) -> dict[str, set[str]]:
+    """{network: hosts that carry it} (``networks_of_hosts`` the other way round)."""
     nets = list(network_ids)
     result: dict[str, set[str]] = {n: set() for n in nets}
     if nets:
+        linked = await router_specs.linked_networks(session, nets)
+        wanted = set(nets) | {m for n in nets for m in linked.get(n, ())}
+        direct: dict[str, set[str]] = defaultdict(set)
         rows = await session.execute(
             select(Port.network_id, Port.binding_host_id).distinct()
-            .where(Port.network_id.in_(nets), Port.binding_host_id != "", Port.device_owner != DHCP_OWNER))
+            .where(Port.network_id.in_(wanted), Port.binding_host_id != "", Port.device_owner != DHCP_OWNER))
         for net, host in rows:
-            result[net].add(host)
+            direct[net].add(host)
+        for net in nets:
+            result[net] = direct[net] | {h for m in linked.get(net, ()) for h in direct[m]}
     return result
 
 
@@ -166,12 +176,12 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
     addresses = {net: sorted({a for h in hosts for a in [peer_address(h)] if a})
                  for net, hosts in members.items()}
     remote = await secgroups.remote_groups(session, [p for ports in local.values() for p in ports])
-    routers = await router_specs.router_specs(session, [k for k, v in local.items() if v],
-                                              bindings or router_specs.GatewayBindings())
+    carried = [(h, n) for h, n in wanted if h in members.get(n, ())]
+    routers = await router_specs.router_specs(session, carried, bindings or router_specs.GatewayBindings())
     result: dict[HostNetwork, NetworkSpec | None] = {}
     for host, net_id in wanted:
         network = networks.get(net_id)
-        if network is None or not local.get((host, net_id)):
+        if network is None or host not in members.get(net_id, ()):
             result[(host, net_id)] = None
             continue
         own = peer_address(host) if host in members.get(net_id, ()) else None
@@ -179,7 +189,7 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
         result[(host, net_id)] = NetworkSpec(
             id=net_id, network_type=network.network_type, segmentation_id=network.segmentation_id,
             physical_network=network.physical_network, routers=routers.get((host, net_id), []),
-            mtu=network.mtu, subnets=subnets.get(net_id, []), ports=local[(host, net_id)],
+            mtu=network.mtu, subnets=subnets.get(net_id, []), ports=local.get((host, net_id), []),
             dhcp_port=dhcp.get(net_id), peers=peers,
             remote_groups={g: remote[g] for p in local[(host, net_id)] for r in p.security_rules
                            if (g := r.remote_group_id)})

@@ -183,7 +183,7 @@ def test_east_west_on_one_hypervisor_stays_there(mcloud: MultiHostCloud) -> None
 
 
 def _reachable_from_outside(cloud: MultiHostCloud, ip: str) -> bool:
-    return _run_in(_ns(cloud), "ping", "-c", "1", "-W", "1", ip).returncode == 0
+    return _run_in(_ns(cloud), "busybox", "ping", "-c", "1", "-W", "1", ip).returncode == 0
 
 
 def _http_from_outside(cloud: MultiHostCloud, ip: str) -> str:

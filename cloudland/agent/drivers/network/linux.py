@@ -108,7 +108,8 @@ class LinuxNetworkDriver(NetworkDriver):
         async with self._lock(spec.id):
             self._save_spec(spec)
             await asyncio.to_thread(self._ensure_l2, spec)
-            if dnsmasq.needs_dhcp(spec):
+            # A network carried only for a router (no ports here) needs no DHCP on this host.
+            if dnsmasq.needs_dhcp(spec) and spec.ports:
                 await self._ensure_dhcp(spec)
             else:
                 await self._remove_dhcp(spec.id)

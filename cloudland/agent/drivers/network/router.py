@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,10 @@ ROUTE_PROTO = 99  # routes this driver owns in a router namespace (default, stat
 PERMANENT = states["permanent"]
 SYSCTLS = ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
            "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.default.send_redirects=0"]
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
 def netns_prefix(host_tag: str) -> str:
@@ -175,11 +180,14 @@ RA_INTERVAL_SECONDS = 30
 RA_LIFETIME_SECONDS = 1800
 
 
-def ra_args(router: Router, files: dnsmasq.DhcpFiles) -> list[str]:
-    """dnsmasq sending this router's advertisements; [] when no subnet wants them."""
+def ra_args(router: Router, files: dnsmasq.DhcpFiles, present: set[str] | None = None) -> list[str]:
+    """dnsmasq sending this router's advertisements on its ``present`` interfaces (all when
+    None); [] when no subnet wants them."""
     ranges, params, interfaces = [], [], []
     for port_id, iface in sorted(router.interfaces.items()):
         qr = _host_end("qr-", port_id)
+        if present is not None and qr not in present:
+            continue
         modes = [(ipaddress.ip_network(c), RA_MODES[m]) for c, m in sorted(iface.spec.ra_prefixes.items())
                  if m in RA_MODES]
         if not modes:
@@ -245,9 +253,9 @@ class Routers:
     def _files(self, router_id: str) -> dnsmasq.DhcpFiles:
         return dnsmasq.DhcpFiles(self.state_dir / names.check_id(router_id, "router id"))
 
-    def _ensure_ra(self, ns: str, router: Router) -> None:
+    def _ensure_ra(self, ns: str, router: Router, present: set[str]) -> None:
         files = self._files(router.id)
-        args = ra_args(router, files)
+        args = ra_args(router, files, present)
         found = dnsmasq.running(files)
         if found is not None and args and found[1][1:] == args[1:]:
             return
@@ -302,7 +310,7 @@ class Routers:
             self._sync_neighbors(nsr, router)
             gateway_up = gw is not None and _host_end("qg-", gw.port_id) in wanted
             self._sync_routes(nsr, router, gateway_up)
-        self._ensure_ra(ns, router)
+        self._ensure_ra(ns, router, wanted)
         nat = nat_script(router) if gateway_up else ""
         if nat and self._applied_nat.get(router.id) != nat:
             _in_netns(ns, [self.nft, "-f", "-"], nat)
@@ -315,30 +323,32 @@ class Routers:
             index = netlink.link_index(nsr, _host_end("qr-", port_id))
             if index is None:
                 continue
-            want = {(n.ip, n.mac.lower()) for n in iface.neighbors}
+            subnets = [ipaddress.ip_interface(a).network for a in iface.spec.addresses]
+            want = {(n.ip, n.mac.lower()) for n in iface.neighbors
+                    if any(ipaddress.ip_address(n.ip) in net for net in subnets)}
             have = set()
             for entry in nsr.get_neighbours(ifindex=index):
                 if entry["state"] & PERMANENT and entry.get("NDA_LLADDR"):
                     have.add((entry.get("NDA_DST"), entry.get("NDA_LLADDR")))
             for ip, _ in have - want:
-                nsr.neigh("del", dst=ip, ifindex=index)
+                nsr.neigh("del", dst=ip, ifindex=index, family=_family(ip))
             for ip, mac in want - have:
-                nsr.neigh("replace", dst=ip, lladdr=mac, ifindex=index, state=PERMANENT,
-                          family=6 if ":" in ip else 2)
+                nsr.neigh("replace", dst=ip, lladdr=mac, ifindex=index, state=PERMANENT, family=_family(ip))
 
     def _sync_routes(self, nsr: IPRoute, router: Router, gateway_up: bool) -> None:
         want: dict[tuple[int, str], str] = {}
         if gateway_up and router.gateway is not None:
             for gw_ip in router.gateway.gateway_ips:
-                family = 6 if ":" in gw_ip else 2
-                want.setdefault((family, "::/0" if family == 6 else "0.0.0.0/0"), gw_ip)
+                family = _family(gw_ip)
+                want.setdefault((family, "::/0" if family == socket.AF_INET6 else "0.0.0.0/0"), gw_ip)
         for r in router.routes:
             dst = str(ipaddress.ip_network(r["destination"], strict=False))
-            want[(6 if ":" in dst else 2, dst)] = r["nexthop"]
+            want[(_family(dst), dst)] = r["nexthop"]
         have: dict[tuple[int, str], str] = {}
-        for family in (2, 6):
+        for family in (socket.AF_INET, socket.AF_INET6):
             for route in nsr.get_routes(family=family, proto=ROUTE_PROTO):
-                dst = f"{route.get('RTA_DST') or ('::' if family == 6 else '0.0.0.0')}/{route['dst_len']}"
+                default = "::" if family == socket.AF_INET6 else "0.0.0.0"
+                dst = f"{route.get('RTA_DST') or default}/{route['dst_len']}"
                 have[(family, dst)] = route.get("RTA_GATEWAY") or ""
         for key in have.keys() - want.keys():
             nsr.route("del", dst=key[1], family=key[0], proto=ROUTE_PROTO)
