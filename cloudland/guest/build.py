@@ -27,7 +27,7 @@ from pathlib import Path
 from cloudland.guest import BOOT_MARKER
 
 # Bump when the image layout or build steps change: the cache key includes it.
-BUILDER_VERSION = 4
+BUILDER_VERSION = 5
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # Modules the guest needs, by name; their dependencies come from modules.dep.
 GUEST_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "button", "evdev")

@@ -201,7 +201,7 @@ def test_floating_ip_reaches_a_guest_and_moves_between_hypervisors(mcloud: Multi
     wait_for(lambda: _reachable_from_outside(cloud, address), timeout=30, interval=0.1,
              what="the floating IP answering from outside")
     print(f"\nfloating IP associate -> reachable from outside: {time.monotonic() - started:.2f}s")
-    assert "cloudland-guest" in _http_from_outside(cloud, address)
+    assert _http_from_outside(cloud, address).strip() == "cloudland-guest vm-a"
     # vm-a now leaves with its floating IP.
     wait_for(lambda: _outside(cloud, "vm-a") == f"you are {address}", timeout=30,
              what="SNAT to the floating IP")
@@ -213,6 +213,8 @@ def test_floating_ip_reaches_a_guest_and_moves_between_hypervisors(mcloud: Multi
     wait_for(lambda: _reachable_from_outside(cloud, address), timeout=30, interval=0.1,
              what="the floating IP on vm-c (hv2)")
     print(f"floating IP moved to another hypervisor -> reachable: {time.monotonic() - started:.2f}s")
+    wait_for(lambda: _http_from_outside(cloud, address).strip() == "cloudland-guest vm-c", timeout=30,
+             what="the floating IP answering from vm-c")
     wait_for(lambda: _outside(cloud, "vm-c") == f"you are {address}", timeout=30,
              what="vm-c leaving with the floating IP")
     assert _outside(cloud, "vm-a") in {f"you are {ip}" for ip in _gateway_ips(cloud)}
