@@ -113,6 +113,8 @@ class AllInOneConfig(Section):
     # physical network "public"): an "outside" namespace host has the first address (the
     # subnet's gateway; it answers ping and HTTP), every hypervisor an uplink `ext0` into it.
     external_cidr: str = "198.51.100.0/24"
+    # Its IPv6 subnet (routed, not translated: the outside host needs routes to tenant prefixes).
+    external_cidr6: str = "fd00:198:51:100::/64"
 
 
 class Config(Section):

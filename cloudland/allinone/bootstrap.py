@@ -28,7 +28,8 @@ class BootstrapResult:
 
 
 async def bootstrap_cloud(config: Config, *, guest_image: Path | None, user_clouds_yaml: bool,
-                          external: ipaddress.IPv4Interface | None = None) -> BootstrapResult:
+                          external: ipaddress.IPv4Interface | None = None,
+                          external6: ipaddress.IPv6Interface | None = None) -> BootstrapResult:
     """``external``: the outside host's address of a dev/test topology; the admin's external
     network ``public`` gets that subnet with it as gateway."""
     from cloudland.api.compute.flavors import bootstrap_flavors
@@ -48,7 +49,7 @@ async def bootstrap_cloud(config: Config, *, guest_image: Path | None, user_clou
             image_id = await bootstrap_image(sessionmaker, config, GUEST_IMAGE_NAME, guest_image, "qcow2")
         network_id = await bootstrap_demo_network(sessionmaker, creds.demo_project_id)
         if external is not None:
-            await bootstrap_public_network(sessionmaker, external)
+            await bootstrap_public_network(sessionmaker, external, external6)
     finally:
         await engine.dispose()
 

@@ -1,6 +1,7 @@
 """The "outside" host of the dev/test topology: plays the internet on the external network.
 
-Runs inside the outside namespace (``nsenter --net=…``): answers HTTP on port 80 with the
+Runs inside the outside namespace (``nsenter --net=…``): answers HTTP on port 80 (IPv4 and
+IPv6) with the
 address the request came from (``cloudland-outside: you are <ip>``), so a guest behind SNAT
 can see which address it left with. Ping is the kernel's.
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import socket
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        body = f"cloudland-outside: you are {self.client_address[0]}\n".encode()
+        client = self.client_address[0].removeprefix("::ffff:")  # IPv4 on the dual-stack socket
+        body = f"cloudland-outside: you are {client}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -26,11 +29,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class DualStackServer(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=80)
     args = parser.parse_args()
-    http.server.ThreadingHTTPServer(("0.0.0.0", args.port), Handler).serve_forever()
+    DualStackServer(("::", args.port), Handler).serve_forever()
 
 
 if __name__ == "__main__":

@@ -191,7 +191,8 @@ class AllInOne:
             await nats.start()
         self.bootstrap = await bootstrap_cloud(cfg, guest_image=self.guest_image,
                                                user_clouds_yaml=self.user_clouds_yaml,
-                                               external=topo.outside if topo else None)
+                                               external=topo.outside if topo else None,
+                                               external6=topo.outside6 if topo else None)
         server = http_server(create_app(cfg), cfg.api.listen_host, cfg.api.listen_port)
         api_task = asyncio.create_task(server.serve(sockets=bind_sockets(listen, cfg.api.listen_port)))
         controller = ControllerService(cfg)

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class Topology:
     external_bridge: str = ""  # the external network's segment (root namespace)
     outside_netns: str = ""  # the "outside" host: the internet of this topology
     outside: ipaddress.IPv4Interface | None = None  # its address (the external subnet's gateway)
+    outside6: ipaddress.IPv6Interface | None = None  # and its IPv6 address (the IPv6 subnet's)
 
     @property
     def gateway_ip(self) -> str:
@@ -89,9 +91,13 @@ def plan(config: Config) -> Topology | None:
     ext = ipaddress.ip_network(config.allinone.external_cidr)
     if ext.version != 4 or ext.num_addresses < 16:
         raise ValueError(f"allinone.external_cidr {ext} is not an IPv4 network of at least 16 addresses")
+    ext6 = ipaddress.ip_network(config.allinone.external_cidr6)
+    if ext6.version != 6 or ext6.prefixlen > 120:
+        raise ValueError(f"allinone.external_cidr6 {ext6} is not an IPv6 network")
     return Topology(bridge=f"clu{tag}", gateway=ipaddress.IPv4Interface((net[1], net.prefixlen)),
                     hypervisors=hosts, external_bridge=f"cle{tag}", outside_netns=f"clout-{tag}",
-                    outside=ipaddress.IPv4Interface((ext[1], ext.prefixlen)))
+                    outside=ipaddress.IPv4Interface((ext[1], ext.prefixlen)),
+                    outside6=ipaddress.IPv6Interface((ext6[1], ext6.prefixlen)))
 
 
 def _ensure_address(ipr: IPRoute, index: int, iface: ipaddress.IPv4Interface) -> None:
@@ -141,6 +147,11 @@ def build_external(topo: Topology) -> None:
             eth = netlink.link_index(nsr, OUTSIDE_IFNAME)
             assert eth is not None
             _ensure_address(nsr, eth, topo.outside)
+            if topo.outside6 is not None:
+                have = {a.get("IFA_ADDRESS") for a in nsr.get_addr(index=eth, family=socket.AF_INET6)}
+                if str(topo.outside6.ip) not in have:
+                    nsr.addr("add", index=eth, address=str(topo.outside6.ip),
+                             prefixlen=topo.outside6.network.prefixlen, flags=netlink.IFA_F_NODAD)
         for hv in topo.hypervisors:
             _ensure_veth_pair(ipr, hv.ext_veth, hv.netns, EXTERNAL_IFNAME, br)
 

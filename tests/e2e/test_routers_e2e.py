@@ -25,7 +25,7 @@ from tests.e2e.multihost import MultiHostCloud, mcloud  # noqa: F401
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 PROBE = re.compile(r"^probe (\S+) (open|closed)\s*$", re.M)
-OUTSIDE = re.compile(r"^outside (.*?)\s*$", re.M)
+OUTSIDE = re.compile(r"^(outside6?) (.*?)\s*$", re.M)
 S: dict[str, Any] = {}
 
 SCRIPT = """#!/bin/sh
@@ -37,11 +37,16 @@ watch() {{
         sleep 1
     done
 }}
-( last=; while :; do
-    r=$(timeout 3 wget -q -O - http://{outside}/ 2>/dev/null | sed -n 's/^cloudland-outside: //p')
-    [ "$r" != "$last" ] && {{ echo "outside ${{r:-none}}"; last=$r; }}
-    sleep 1
-  done ) &
+outside() {{  # label URL: what the outside host says about us, printed when it changes
+    last=
+    while :; do
+        r=$(timeout 3 wget -q -O - "$2" 2>/dev/null | sed -n 's/^cloudland-outside: //p')
+        [ "$r" != "$last" ] && {{ echo "$1 ${{r:-none}}"; last=$r; }}
+        sleep 1
+    done
+}}
+outside outside http://{outside}/ &
+outside outside6 "http://[{outside6}]/" &
 {pings}
 """
 
@@ -60,8 +65,8 @@ def _probe(cloud: MultiHostCloud, server: str, label: str) -> str | None:
     return states[-1] if states else None
 
 
-def _outside(cloud: MultiHostCloud, server: str) -> str | None:
-    answers = OUTSIDE.findall(cloud.console(server))
+def _outside(cloud: MultiHostCloud, server: str, label: str = "outside") -> str | None:
+    answers = [answer for which, answer in OUTSIDE.findall(cloud.console(server)) if which == label]
     return answers[-1] if answers else None
 
 
@@ -112,16 +117,19 @@ def _v4(cloud: MultiHostCloud, server: str) -> str:
 def _create(cloud: MultiHostCloud, name: str, network: str, host: str, pings: dict[str, str]) -> None:
     path = cloud.state_dir.parent / f"{name}.sh"
     lines = "\n".join(f"watch {label} ping -c 1 -W 1 {ip} &" for label, ip in pings.items())
-    path.write_text(SCRIPT.format(outside=cloud.topo.outside_ip, pings=lines))
+    assert cloud.topo.outside6 is not None
+    path.write_text(SCRIPT.format(outside=cloud.topo.outside_ip, outside6=cloud.topo.outside6.ip,
+                                  pings=lines))
     cloud.openstack("server", "create", "--flavor", "m1.nano", "--image", "cloudland-guest",
                     "--network", network, "--availability-zone", f"nova:{host}", "--user-data", str(path),
                     "--wait", name, cloud="cloudland")
 
 
-def _gateway_ips(cloud: MultiHostCloud) -> set[str]:
+def _gateway_ips(cloud: MultiHostCloud, version: int = 4) -> set[str]:
     router = cloud.openstack_json("router", "show", "r1", cloud="cloudland")
     info = router["external_gateway_info"]  # type: ignore[index]
-    return {ip["ip_address"] for ip in info["external_fixed_ips"]}
+    return {ip["ip_address"] for ip in info["external_fixed_ips"]
+            if (":" in ip["ip_address"]) == (version == 6)}
 
 
 def test_router_joins_subnets_and_snats_to_the_outside(mcloud: MultiHostCloud) -> None:  # noqa: F811
@@ -164,6 +172,16 @@ def test_router_joins_subnets_and_snats_to_the_outside(mcloud: MultiHostCloud) -
         assert answer.split()[-1] in gateways, (answer, gateways)
     # vm-a (hv1) and vm-c (hv2) leave with their own hypervisor's gateway address.
     assert _outside(cloud, "vm-a") != _outside(cloud, "vm-c")
+    # IPv6 is routed, not translated: the outside host sees the guest's own address once it
+    # routes the tenant prefixes to the router (as an operator, or BGP, would).
+    gateways6 = sorted(_gateway_ips(cloud, 6))
+    assert gateways6, "gateway ports have an IPv6 address on public"
+    for k in (1, 2):
+        proc = _run_in(_ns(cloud), "ip", "-6", "route", "replace", f"fd95:{k}::/64", "via", gateways6[0])
+        assert proc.returncode == 0, proc.stderr
+    a6 = next(a for a in cloud.addresses("vm-a") if ":" in a)
+    wait_for(lambda: _outside(cloud, "vm-a", "outside6") == f"you are {a6}", timeout=60,
+             what="vm-a reaching the outside host over IPv6 with its own address")
 
 
 def test_east_west_on_one_hypervisor_stays_there(mcloud: MultiHostCloud) -> None:  # noqa: F811

@@ -47,7 +47,8 @@ PUBLIC_PHYSICAL_NETWORK = "public"
 
 
 async def bootstrap_public_network(sessionmaker: async_sessionmaker[AsyncSession],
-                                   outside: ipaddress.IPv4Interface) -> str:
+                                   outside: ipaddress.IPv4Interface,
+                                   outside6: ipaddress.IPv6Interface | None = None) -> str:
     """The admin project's ``public`` (router:external, flat on physical network ``public``)
     with the outside host as its subnet's gateway; created once."""
     from cloudland.db.models import Project
@@ -69,5 +70,11 @@ async def bootstrap_public_network(sessionmaker: async_sessionmaker[AsyncSession
             session.add(Subnet(network_id=net.id, project_id=admin, name=PUBLIC_SUBNET_NAME, ip_version=4,
                                cidr=str(cidr), gateway_ip=str(outside.ip), enable_dhcp=False,
                                dns_nameservers=[], allocation_pools=pools))
+            if outside6 is not None:
+                cidr6 = outside6.network
+                session.add(Subnet(network_id=net.id, project_id=admin, name=f"{PUBLIC_SUBNET_NAME}-v6",
+                                   ip_version=6, cidr=str(cidr6), gateway_ip=str(outside6.ip),
+                                   enable_dhcp=False, dns_nameservers=[],
+                                   allocation_pools=[{"start": str(cidr6[16]), "end": str(cidr6[-2])}]))
         await session.commit()
         return net.id

@@ -151,7 +151,9 @@ async def create_service_port(
     fixed_ips: list[dict[str, Any]] | None,
     what: str,
 ) -> Port:
-    """A system port on an external network: the requested ``fixed_ips``, else one IPv4 address."""
+    """A system port on an external network: the requested ``fixed_ips``, else one IPv4 address
+    (and, for a router gateway, one IPv6 address too when the network has IPv6: IPv6 is routed,
+    not translated)."""
     if fixed_ips:
         return await ipam.create_port(
             session,
@@ -174,14 +176,29 @@ async def create_service_port(
         device_owner=device_owner,
         fixed_ips=[],
     )
-    for subnet in subnets:
+    await allocate_external(session, port, network, subnets)
+    return port
+
+
+async def allocate_external(session: AsyncSession, port: Port, network: Network, v4: list[Subnet]) -> None:
+    """One IPv4 address from ``v4``; a gateway port also one IPv6 address if there is a subnet."""
+    for subnet in v4:
         try:
             await ipam.allocate(session, port, subnet)
-            return port
+            break
         except ApiError as exc:
             if exc.kind != "IpAddressGenerationFailure":
                 raise
-    raise ipam.exhausted(network.id)
+    else:
+        raise ipam.exhausted(network.id)
+    if port.device_owner == GATEWAY_OWNER:
+        for subnet in [s for s in await ipam.network_subnets(session, network.id) if s.ip_version == 6]:
+            try:
+                await ipam.allocate(session, port, subnet)
+                break
+            except ApiError as exc:
+                if exc.kind != "IpAddressGenerationFailure":
+                    raise
 
 
 # --- validation ---------------------------------------------------------------------------------
