@@ -151,6 +151,8 @@ async def router_specs(session: AsyncSession, pairs: Iterable[tuple[str, str]],
             if router is None or network is None or not router.admin_state_up \
                     or host not in realising.get(router.id, ()):
                 continue
+            if iface.status != "ACTIVE":  # realised on a host: Neutron shows DVR interfaces ACTIVE
+                iface.status = "ACTIVE"
             gateway = None
             external = networks.get(router.external_network_id or "")
             if external is not None:

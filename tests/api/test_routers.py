@@ -439,3 +439,17 @@ async def test_integrity_and_quota(client: httpx.AsyncClient, app: Any, demo_tok
         409,
         "OverQuota",
     )
+
+
+async def test_router_tags_and_another_projects_router(client: httpx.AsyncClient, demo_token: str,
+                                                       admin_token: str) -> None:
+    router = await make_router(client, demo_token)
+    base = f"{N}/routers/{router['id']}/tags"
+    r = await client.put(base, json={"tags": ["edge", "blue"]}, headers=h(demo_token))
+    assert r.status_code == 200 and r.json() == {"tags": ["blue", "edge"]}
+    assert (await client.put(f"{base}/green", headers=h(demo_token))).status_code == 201
+    got = (await client.get(f"{N}/routers/{router['id']}", headers=h(demo_token))).json()["router"]
+    assert got["tags"] == ["blue", "edge", "green"]
+    # Another tenant cannot see (or tag) it.
+    alt = await other_project_token(client, admin_token, "tagalt")
+    neutron_error(await client.put(f"{base}/x", headers=h(alt)), 404, "RouterNotFound")

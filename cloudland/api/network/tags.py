@@ -1,4 +1,5 @@
-"""Neutron's tag extension (standard-attr-tag): /v2.0/{networks,subnets,ports}/{id}/tags."""
+"""Neutron's tag extension (standard-attr-tag):
+/v2.0/{networks,subnets,ports,routers,floatingips}/{id}/tags."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cloudland.api.context import RequestContext, require_context
 from cloudland.api.deps import get_db
 from cloudland.api.errors import ApiError
-from cloudland.api.network import access
+from cloudland.api.network import access, router_rules
 from cloudland.api.network.query import ListParams
 from cloudland.api.network.validation import as_list, as_str, invalid
 from cloudland.api.policy import require_write
-from cloudland.db.models import Network, Port, Subnet
+from cloudland.db.models import FloatingIp, Network, Port, Router, Subnet
 
 router = APIRouter()
 
@@ -24,7 +25,7 @@ MAX_TAG = 255
 
 
 async def _owned(session: AsyncSession, ctx: RequestContext, collection: str,
-                 resource_id: str, write: bool) -> Network | Subnet | Port:
+                 resource_id: str, write: bool) -> Network | Subnet | Port | Router | FloatingIp:
     if collection == "networks":
         net = await access.get_network(session, ctx, resource_id)
         if write:
@@ -37,6 +38,10 @@ async def _owned(session: AsyncSession, ctx: RequestContext, collection: str,
         return subnet
     if collection == "ports":
         return await access.get_port(session, ctx, resource_id)
+    if collection == "routers":
+        return await router_rules.get_router(session, ctx, resource_id)
+    if collection == "floatingips":
+        return await router_rules.get_floatingip(session, ctx, resource_id)
     raise ApiError(404, "The resource could not be found.", "HTTPNotFound")
 
 
@@ -127,7 +132,7 @@ async def delete_tag(request: Request, resource_id: str, tag: str,
     return Response(status_code=204)
 
 
-for _collection_name in ("networks", "subnets", "ports"):
+for _collection_name in ("networks", "subnets", "ports", "routers", "floatingips"):
     _base = f"/{_collection_name}/{{resource_id}}/tags"
     router.add_api_route(_base, list_tags, methods=["GET"])
     router.add_api_route(_base + "/{tag}", check_tag, methods=["GET"], status_code=204)
