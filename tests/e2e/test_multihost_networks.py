@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
+from cloudland.allinone import topology
 from tests.e2e.conftest import wait_for
 from tests.e2e.multihost import MultiHostCloud, capture, fdb_peers, links, mcloud, neighbor_lines  # noqa: F401
 
@@ -24,6 +25,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 CIDR4, CIDR6 = "10.93.0.0/24", "fd93::/64"
 S: dict[str, Any] = {}  # shared between the ordered tests
+# What a hypervisor namespace of the dev topology has without any tenant network.
+HOST_LINKS = {"lo", topology.UNDERLAY_IFNAME, topology.EXTERNAL_IFNAME}
 
 
 def _network(cloud: MultiHostCloud, name: str, cloud_name: str) -> dict:
@@ -145,7 +148,7 @@ def test_third_hypervisor_joins_and_leaves(mcloud: MultiHostCloud) -> None:  # n
     wait_for(lambda: _peers(cloud, S["vni1"]) == {hv1: {addr[hv2]}, hv2: {addr[hv1]}, hv3: None},
              timeout=30, what="hv3's FDB entries gone everywhere")
     # Nothing of net1 is left on hv3: no bridge, tap, DHCP veth or namespace, no dnsmasq.
-    wait_for(lambda: links(cloud.hv(hv3).netns) == {"lo", "underlay"}, timeout=30, what="hv3 clean")
+    wait_for(lambda: links(cloud.hv(hv3).netns) == HOST_LINKS, timeout=30, what="hv3 clean")
     assert not _dnsmasq_of(cloud, hv3)
 
 
@@ -222,6 +225,6 @@ def test_deleting_everything_leaves_nothing_on_any_hypervisor(mcloud: MultiHostC
     cloud.openstack("server", "delete", "--wait", "vm-a", "vm-b", "vm-x", cloud="cloudland")
     cloud.openstack("network", "delete", S["net1"], S["net2"], cloud="cloudland")
     for host in cloud.hosts:
-        wait_for(lambda h=host: links(cloud.hv(h).netns) == {"lo", "underlay"}, timeout=30,
+        wait_for(lambda h=host: links(cloud.hv(h).netns) == HOST_LINKS, timeout=30,
                  what=f"{host} without tenant devices")
         assert not _dnsmasq_of(cloud, host)

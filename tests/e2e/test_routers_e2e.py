@@ -236,3 +236,28 @@ def test_floating_ip_reaches_a_guest_and_moves_between_hypervisors(mcloud: Multi
     wait_for(lambda: _outside(cloud, "vm-c") == f"you are {address}", timeout=30,
              what="vm-c leaving with the floating IP")
     assert _outside(cloud, "vm-a") in {f"you are {ip}" for ip in _gateway_ips(cloud)}
+
+
+def test_static_routes_reach_every_hypervisor_of_the_router(mcloud: MultiHostCloud) -> None:  # noqa: F811
+    from cloudland.agent.drivers.network.router import router_netns
+    from cloudland.agent.factory import host_tag
+
+    cloud = mcloud
+    hv1, hv2, _ = cloud.hosts
+    router_id = cloud.openstack_json("router", "show", "r1", cloud="cloudland")["id"]  # type: ignore[index]
+    namespaces = [router_netns(host_tag(h), router_id) for h in (hv1, hv2)]
+
+    def routes() -> list[str]:
+        return [_run_in(ns, "ip", "route", "show", "10.99.0.0/24").stdout.strip() for ns in namespaces]
+
+    cloud.openstack("router", "set", "--route", "destination=10.99.0.0/24,gateway=10.95.2.50", "r1",
+                    cloud="cloudland")
+    wait_for(lambda: all("via 10.95.2.50" in r for r in routes()), timeout=30,
+             what="the static route on hv1 and hv2")
+    cloud.openstack("router", "unset", "--route", "destination=10.99.0.0/24,gateway=10.95.2.50", "r1",
+                    cloud="cloudland")
+    wait_for(lambda: routes() == ["", ""], timeout=30, what="the static route gone everywhere")
+    # A nexthop outside the router's subnets: Neutron's 400, nothing applied.
+    proc = cloud.openstack("router", "set", "--route", "destination=10.98.0.0/24,gateway=192.0.2.9", "r1",
+                           cloud="cloudland", check=False)
+    assert proc.returncode != 0 and "nexthop" in proc.stderr.lower(), proc.stderr
