@@ -204,7 +204,8 @@ class Reconciler:
         # A host that joined or left a network also joined or left the networks a router links
         # to it (it realises the router).
         linked = await specs.router_specs.linked_networks(session, nets)
-        nets = nets | {m for n in nets for m in linked.get(n, ())}
+        via_router = {m for n in nets for m in linked.get(n, ())} - nets
+        nets = nets | via_router
         members = await specs.hosts_of_networks(session, nets)
         # Remote-group member sets travel in full specs, not in NetworkPeers.
         # So do routers' static neighbours.
@@ -212,6 +213,11 @@ class Reconciler:
         if self.broadcast:
             with_groups = (await secgroups.networks_with_groups(session, nets)
                            | await specs.router_specs.networks_with_routers(session, nets))
+        routed = via_router | (nets & linked.keys())
+        if routed:
+            # A host that stopped realising a router keeps its networks until told otherwise.
+            self.dirty_nets.update((h, n) for h, n in self.net_sent
+                                   if n in routed and h not in members[n])
         for net, hosts in members.items():
             if self.broadcast is None or net in with_groups:
                 self.dirty_nets.update((h, net) for h in hosts)
