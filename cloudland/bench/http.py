@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 from urllib.parse import urlencode
+
+import msgspec
 
 
 class HttpError(Exception):
@@ -29,7 +30,7 @@ class Connection:
     async def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
                       params: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
         """Returns (status, lower-case headers, decoded JSON body or None); reconnects once."""
-        data = json.dumps(body).encode() if body is not None else b""
+        data = msgspec.json.encode(body) if body is not None else b""
         if params:
             path = f"{path}?{urlencode(params)}"
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
@@ -58,4 +59,6 @@ class Connection:
         payload = await self.reader.readexactly(int(resp_headers.get("content-length", "0")))
         if resp_headers.get("connection", "").lower() == "close":
             self.close()
-        return status, resp_headers, json.loads(payload) if payload else None
+        # msgspec: faster than json.loads on a page of 1,000 servers, whose decoding the list
+        # latency includes.
+        return status, resp_headers, msgspec.json.decode(payload) if payload else None

@@ -254,7 +254,7 @@ def api(state_dir: StateDir = None, config_path: ConfigPath = None) -> None:
 
     _setup_logging()
     cfg = _config(state_dir, config_path)
-    uvicorn.run(create_app(cfg), host=cfg.api.listen_host, port=cfg.api.listen_port,
+    uvicorn.run(create_app(cfg, freeze_gc=True), host=cfg.api.listen_host, port=cfg.api.listen_port,
                 log_level="warning", access_log=False)
 
 

@@ -8,9 +8,10 @@ from cloudland.api.compute import flavors, keypairs, servers, versions
 from cloudland.config import Config
 
 router = APIRouter(prefix="/compute")
-router.include_router(versions.router)
-for module in (flavors, keypairs, servers):
+# Servers first: routes are matched in order, and they take most of the requests.
+for module in (servers, flavors, keypairs):
     router.include_router(module.router, prefix="/v2.1")
+router.include_router(versions.router)
 
 
 async def setup(app: FastAPI, config: Config) -> None:

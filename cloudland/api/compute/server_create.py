@@ -7,13 +7,25 @@ import binascii
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, func, insert, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.api.context import RequestContext
 from cloudland.api.errors import ApiError, bad_request, conflict, forbidden
 from cloudland.config import ComputeConfig
-from cloudland.db.models import Flavor, Host, Image, Instance, Keypair, Network, Port
+from cloudland.db.models import (
+    DefaultSecurityGroup,
+    Flavor,
+    Host,
+    Image,
+    Instance,
+    Keypair,
+    Network,
+    Port,
+    Subnet,
+    new_id,
+)
 
 # Nova's default quotas per project.
 QUOTA_INSTANCES = 10
@@ -27,6 +39,9 @@ class NetRequest:
     network: Network
     port: Port | None = None
     fixed_ip: str | None = None
+    # The network's subnets in IPAM order when read with the network (the common case: then the
+    # port is written with Core statements); None: ipam.create_port reads them.
+    subnets: list[Subnet] | None = None
 
 
 @dataclass
@@ -45,6 +60,7 @@ class CreateRequest:
     availability_zone: str | None = None
     requested_host: str | None = None  # admin only: "zone:host" forces the host
     config_drive: bool = False
+    default_group_id: str | None = None  # the project's default security group, if it has one
 
 
 def _ref_id(ref: Any) -> str:
@@ -117,14 +133,98 @@ def _security_groups(value: Any) -> list[str]:
     return names
 
 
-async def _flavor(session: AsyncSession, ctx: RequestContext, ref: Any) -> Flavor:
-    if ref in (None, ""):
+# Table columns, not ORM attributes: the statements below then skip the ORM's compile and
+# loading steps. Built once: constructing statements costs more per request than running them.
+_F, _I, _G = Flavor.__table__.c, Image.__table__.c, DefaultSecurityGroup.__table__.c
+_N, _S = Network.__table__.c, Subnet.__table__.c
+_FLAVOR_COLUMNS = (_F.id, _F.name, _F.vcpus, _F.ram, _F.disk, _F.swap, _F.ephemeral, _F.is_public,
+                   _F.disabled, _F.extra_specs)
+_IMAGE_COLUMNS = (_I.id, _I.owner, _I.status, _I.visibility, _I.deleted)
+_NETWORK_COLUMNS = (_N.id, _N.name, _N.project_id, _N.shared, _N.external, _N.port_security_enabled)
+_SUBNET_COLUMNS = (_S.id, _S.network_id, _S.project_id, _S.ip_version, _S.cidr, _S.gateway_ip,
+                   _S.allocation_pools, _S.ipv6_address_mode, _S.ipv6_ra_mode, _S.created_at)
+# Everything a create reads, in one round trip: the flavor, the image, the project's default
+# security group and (when one network is requested, the common case) that network with its
+# subnets in ``ipam.network_subnets``' order: one row per subnet, at least one row.
+_CREATE_LOOKUPS = (
+    select(*_FLAVOR_COLUMNS, *_IMAGE_COLUMNS,
+           select(_G.security_group_id).where(_G.project_id == bindparam("project_id")).scalar_subquery(),
+           *_NETWORK_COLUMNS, *_SUBNET_COLUMNS)
+    .select_from(select(literal(1).label("one")).subquery())
+    .outerjoin(Flavor.__table__, _F.id == bindparam("flavor_id"))
+    .outerjoin(Image.__table__, _I.id == bindparam("image_id"))
+    .outerjoin(Network.__table__, _N.id == bindparam("network_id"))
+    .outerjoin(Subnet.__table__, _S.network_id == _N.id)
+    .order_by(_S.created_at, _S.id))
+_NF, _NI = len(_FLAVOR_COLUMNS), len(_IMAGE_COLUMNS)
+_NN = len(_NETWORK_COLUMNS)
+Networks = dict[str, tuple[Network, list[Subnet]]]
+
+
+def _network_rows(rows: Any, offset: int, found: Networks) -> None:
+    """Detached, read-only Network and Subnet objects from rows whose network columns start at
+    ``offset``; they go into ``found``."""
+    for row in rows:
+        if row[offset] is None:
+            continue
+        entry = found.get(row[offset])
+        if entry is None:
+            values = row[offset:offset + _NN]
+            network = Network(**{c.key: v for c, v in zip(_NETWORK_COLUMNS, values, strict=True)})
+            entry = found[row[offset]] = (network, [])
+        if row[offset + _NN] is not None:
+            values = row[offset + _NN:offset + _NN + len(_SUBNET_COLUMNS)]
+            entry[1].append(Subnet(**{c.key: v for c, v in zip(_SUBNET_COLUMNS, values, strict=True)}))
+
+
+async def _lookups(session: AsyncSession, ctx: RequestContext, body: dict[str, Any],
+                   networks: Networks) -> tuple[Flavor, Image, str | None]:
+    """The flavor, the image and the project's default security group id, in one statement
+    (each checked, and failing, as Nova does: flavor first, then the image). When the request
+    names one network, it and its subnets come with them (into ``networks``)."""
+    flavor_ref = body.get("flavorRef")
+    if flavor_ref in (None, ""):
         raise bad_request("Missing flavorRef attribute.")
-    flavor_id = _ref_id(ref)
-    flavor = await session.get(Flavor, flavor_id)
-    if flavor is None or flavor.disabled or (not flavor.is_public and not ctx.is_admin):
+    flavor_id = _ref_id(flavor_ref)
+    image_ref, bdms = body.get("imageRef"), body.get("block_device_mapping_v2")
+    image_error: ApiError | None = None
+    image_id: str | None = None
+    try:
+        image_id = _ref_id(image_ref) if image_ref else _boot_image_from_bdm(bdms)
+        if image_ref:
+            _boot_image_from_bdm(bdms)  # still reject volumes
+        if not image_id:
+            raise bad_request("Missing imageRef attribute.")
+    except ApiError as exc:
+        image_error = exc
+    wanted = _wanted_networks(body.get("networks"))
+    rows = (await session.execute(_CREATE_LOOKUPS, {
+        "flavor_id": flavor_id, "image_id": image_id or "", "project_id": ctx.project_id,
+        "network_id": next(iter(wanted)) if len(wanted) == 1 else ""})).all()
+    _network_rows(rows, _NF + _NI + 1, networks)
+    row = rows[0]
+    f, i, group_id = row[:_NF], row[_NF:_NF + _NI], row[_NF + _NI]
+    if f[0] is None or f[8] or (not f[7] and not ctx.is_admin):
         raise bad_request(f"Flavor {flavor_id} could not be found.")
-    return flavor
+    if image_error is not None:
+        raise image_error
+    visible = i[0] is not None and not i[4] and (
+        ctx.is_admin or i[1] == ctx.project_id or i[3] in ("public", "community"))
+    if not visible:
+        raise bad_request(f"Image {image_id} could not be found.")
+    if i[2] != "active":
+        raise bad_request(f"Image {image_id} is not active.")
+    flavor = Flavor(**{c.key: v for c, v in zip(_FLAVOR_COLUMNS, f, strict=True)})
+    image = Image(**{c.key: v for c, v in zip(_IMAGE_COLUMNS, i, strict=True)})
+    return flavor, image, group_id
+
+
+def _wanted_networks(value: Any) -> set[str]:
+    """The network ids a ``networks`` list names (ports' networks aside); nothing is checked here."""
+    if not isinstance(value, list):
+        return set()
+    return {str(item["uuid"]) for item in value
+            if isinstance(item, dict) and item.get("uuid") and not item.get("port")}
 
 
 def _boot_image_from_bdm(bdms: Any) -> str | None:
@@ -147,37 +247,24 @@ def _boot_image_from_bdm(bdms: Any) -> str | None:
     return image_id
 
 
-async def _image(session: AsyncSession, ctx: RequestContext, image_ref: Any, bdms: Any) -> Image:
-    image_id = _ref_id(image_ref) if image_ref else _boot_image_from_bdm(bdms)
-    if image_ref:
-        _boot_image_from_bdm(bdms)  # still reject volumes
-    if not image_id:
-        raise bad_request("Missing imageRef attribute.")
-    image = await session.get(Image, image_id)
-    visible = image is not None and not image.deleted and (
-        ctx.is_admin or image.owner == ctx.project_id or image.visibility in ("public", "community"))
-    if image is None or not visible:
-        raise bad_request(f"Image {image_id} could not be found.")
-    if image.status != "active":
-        raise bad_request(f"Image {image_id} is not active.")
-    return image
-
-
-async def _keypair(session: AsyncSession, ctx: RequestContext, key_name: Any) -> Keypair | None:
+async def _keypair(session: AsyncSession, ctx: RequestContext, key_name: Any) -> tuple[str, str] | None:
+    """(name, public key) of the caller's key pair ``key_name``."""
     if key_name is None:
         return None
-    keypair = (await session.execute(select(Keypair).where(
-        Keypair.user_id == ctx.user_id, Keypair.name == str(key_name)))).scalar_one_or_none()
+    keypair = (await session.execute(select(Keypair.name, Keypair.public_key).where(
+        Keypair.user_id == ctx.user_id, Keypair.name == str(key_name)))).first()
     if keypair is None:
         raise bad_request("Invalid key_name provided.")
-    return keypair
+    return keypair[0], keypair[1]
 
 
 def _visible_network_clause(ctx: RequestContext):  # type: ignore[no-untyped-def]
     return or_(Network.project_id == ctx.project_id, Network.shared.is_(True))
 
 
-async def _networks(session: AsyncSession, ctx: RequestContext, value: Any, count: int) -> list[NetRequest]:
+async def _networks(session: AsyncSession, ctx: RequestContext, value: Any, count: int,
+                    known: Networks | None = None) -> list[NetRequest]:
+    """``known``: networks already read (with their subnets); the others named are read here."""
     if value == "none":
         return []
     # Before 2.37 an empty list means what omitting it means: the project's one network.
@@ -193,6 +280,10 @@ async def _networks(session: AsyncSession, ctx: RequestContext, value: Any, coun
         return [NetRequest(candidates[0])] if candidates else []
     if not isinstance(value, list):
         raise bad_request("Invalid input for field/attribute networks.")
+    known = dict(known or {})
+    missing = _wanted_networks(value) - set(known)
+    if missing:
+        known.update(await _networks_with_subnets(session, missing))
     requests = []
     for item in value:
         if not isinstance(item, dict):
@@ -213,13 +304,29 @@ async def _networks(session: AsyncSession, ctx: RequestContext, value: Any, coun
             continue
         if not net_id:
             raise bad_request("Invalid input for field/attribute networks.")
-        network = await session.get(Network, str(net_id))
+        network, subnets = known.get(str(net_id), (None, None))
         if network is None or not (ctx.is_admin or network.shared or network.project_id == ctx.project_id):
             raise bad_request(f"Network {net_id} could not be found.")
         if fixed_ip is not None and count > 1:
             raise bad_request("max_count cannot be greater than 1 if an fixed_ip is specified.")
-        requests.append(NetRequest(network, fixed_ip=str(fixed_ip) if fixed_ip else None))
+        requests.append(NetRequest(network, fixed_ip=str(fixed_ip) if fixed_ip else None, subnets=subnets))
     return requests
+
+
+_NETWORKS_WITH_SUBNETS = (
+    select(*_NETWORK_COLUMNS, *_SUBNET_COLUMNS)
+    .select_from(Network.__table__.outerjoin(Subnet.__table__, _S.network_id == _N.id))
+    .where(_N.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_N.id, _S.created_at, _S.id))
+
+
+async def _networks_with_subnets(session: AsyncSession, ids: set[str]) -> Networks:
+    """The networks (detached, read-only copies) and their subnets in ``ipam.network_subnets``'
+    order, in one statement."""
+    rows = await session.execute(_NETWORKS_WITH_SUBNETS, {"ids": sorted(ids)})
+    found: Networks = {}
+    _network_rows(rows, 0, found)
+    return found
 
 
 async def _availability_zone(session: AsyncSession, ctx: RequestContext,
@@ -258,21 +365,25 @@ async def parse_create(session: AsyncSession, ctx: RequestContext, payload: Any)
         raise bad_request("min_count must be <= max_count")
     keypair = await _keypair(session, ctx, body.get("key_name"))
     zone, requested_host = await _availability_zone(session, ctx, body.get("availability_zone"))
+    name = _name(body)
+    known: Networks = {}
+    flavor, image, default_group_id = await _lookups(session, ctx, body, known)
     return CreateRequest(
-        name=_name(body),
-        flavor=await _flavor(session, ctx, body.get("flavorRef")),
-        image=await _image(session, ctx, body.get("imageRef"), body.get("block_device_mapping_v2")),
-        networks=await _networks(session, ctx, body.get("networks"), max_count),
+        name=name,
+        flavor=flavor,
+        image=image,
+        networks=await _networks(session, ctx, body.get("networks"), max_count, known),
         min_count=min_count,
         max_count=max_count,
-        key_name=keypair.name if keypair else None,
-        key_data=keypair.public_key if keypair else None,
+        key_name=keypair[0] if keypair else None,
+        key_data=keypair[1] if keypair else None,
         user_data=_user_data(body.get("user_data")),
         metadata=_metadata(body.get("metadata")),
         security_groups=_security_groups(body.get("security_groups")),
         availability_zone=zone,
         requested_host=requested_host,
         config_drive=_config_drive(body.get("config_drive")),
+        default_group_id=default_group_id,
     )
 
 
@@ -314,46 +425,101 @@ def flavor_copy(flavor: Flavor) -> dict[str, Any]:
 
 
 async def create_instances(session: AsyncSession, ctx: RequestContext, req: CreateRequest,
-                           count: int) -> list[Instance]:
-    """Instance rows and their ports; the caller owns the transaction."""
+                           count: int) -> list[str]:
+    """Instance rows and their ports (Core statements); the caller owns the transaction.
+    Returns the new server ids."""
     from cloudland.api.network import ipam
     from cloudland.api.network.secgroup_rules import resolve_groups
 
     project_id = ctx.project_id
     assert project_id is not None
-    try:
-        group_ids = await resolve_groups(session, project_id, req.security_groups, by_name=True)
-    except ApiError as exc:
-        if exc.status != 404:
-            raise
-        raise bad_request(f"Security group {exc.message.split()[2]} not found.")
-    instances = []
+    if req.security_groups == ["default"] and req.default_group_id is not None:
+        group_ids = [req.default_group_id]  # what resolve_groups answers, without its two queries
+    else:
+        try:
+            group_ids = await resolve_groups(session, project_id, req.security_groups, by_name=True)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            raise bad_request(f"Security group {exc.message.split()[2]} not found.")
+    dialect = session.get_bind().dialect.name
+    ids = []
     for index in range(count):
-        inst = Instance(
-            name=f"{req.name}-{index + 1}" if count > 1 else req.name,
-            project_id=project_id, user_id=ctx.user_id,
-            image_id=req.image.id if req.image else None,
-            flavor_id=req.flavor.id, flavor=flavor_copy(req.flavor),
-            key_name=req.key_name, key_data=req.key_data, user_data=req.user_data,
-            config_drive=req.config_drive, metadata_=req.metadata,
-            availability_zone=req.availability_zone, requested_host=req.requested_host,
-            security_groups=req.security_groups,
-            preserved_port_ids=[n.port.id for n in req.networks if n.port is not None],
-            vm_state="building", task_state="scheduling", power_state=0, desired_power="running")
-        session.add(inst)
-        await session.flush()
+        instance_id = new_id()
+        await session.execute(_INSERT_INSTANCE, {
+            "id": instance_id, "name": f"{req.name}-{index + 1}" if count > 1 else req.name,
+            "project_id": project_id, "user_id": ctx.user_id,
+            "image_id": req.image.id if req.image else None,
+            "flavor_id": req.flavor.id, "flavor": flavor_copy(req.flavor),
+            "key_name": req.key_name, "key_data": req.key_data, "user_data": req.user_data,
+            "config_drive": req.config_drive, "metadata": req.metadata,
+            "availability_zone": req.availability_zone, "requested_host": req.requested_host,
+            "security_groups": req.security_groups,
+            "preserved_port_ids": [n.port.id for n in req.networks if n.port is not None],
+            "vm_state": "building", "task_state": "scheduling", "power_state": 0,
+            "desired_power": "running"})
         for net in req.networks:
             if net.port is not None:
                 claimed = await session.execute(
                     update(Port).where(Port.id == net.port.id, Port.device_id == "")
-                    .values(device_id=inst.id, device_owner="compute:nova"))
+                    .values(device_id=instance_id, device_owner="compute:nova"))
                 if claimed.rowcount != 1:  # type: ignore[attr-defined]
                     raise conflict(f"Port {net.port.id} is still in use.")
                 continue
+            security = net.network.port_security_enabled
+            if net.subnets is not None and net.fixed_ip is None and dialect in _INSERT_OR_IGNORE:
+                await _create_port(session, net.network, net.subnets, project_id, instance_id,
+                                   group_ids if security else [], _INSERT_OR_IGNORE[dialect])
+                continue
             fixed_ips = [{"ip_address": net.fixed_ip}] if net.fixed_ip else None
-            attrs = {"security_groups": group_ids} if net.network.port_security_enabled else None
+            attrs = {"security_groups": group_ids} if security else None
             await ipam.create_port(session, network=net.network, project_id=project_id,
-                                   device_id=inst.id, device_owner="compute:nova", fixed_ips=fixed_ips,
+                                   device_id=instance_id, device_owner="compute:nova", fixed_ips=fixed_ips,
                                    attrs=attrs)
-        instances.append(inst)
-    return instances
+        ids.append(instance_id)
+    return ids
+
+
+_INSERT_INSTANCE = insert(Instance.__table__)
+# A port row unless its MAC is taken on the network (then nothing: the caller tries another).
+_INSERT_OR_IGNORE = {"postgresql": postgresql.insert(Port.__table__).on_conflict_do_nothing(),
+                     "sqlite": sqlite.insert(Port.__table__).on_conflict_do_nothing()}
+
+
+async def _create_port(session: AsyncSession, network: Network, subnets: list[Subnet], project_id: str,
+                       device_id: str, group_ids: list[str], insert_port: Any) -> None:
+    """``ipam.create_port`` for a server's port with automatic addresses, in fewer statements:
+    the MAC is checked by the insert itself (``ON CONFLICT DO NOTHING`` on the
+    ``(network_id, mac_address)`` index, then another MAC) instead of a query first, the subnets
+    come with the network, and the addresses from ``ipam.allocate`` as ``allocate_default`` picks them."""
+    from cloudland.api.network import ipam
+
+    port_id = new_id()
+    for _ in range(ipam.MAX_ATTEMPTS):
+        mac = ipam.random_mac()
+        inserted = await session.execute(insert_port, {
+            "id": port_id, "network_id": network.id, "project_id": project_id, "name": "",
+            "mac_address": mac, "device_id": device_id, "device_owner": "compute:nova", "binding_host_id": "",
+            "port_security_enabled": network.port_security_enabled, "security_groups": group_ids})
+        if inserted.rowcount == 1:  # type: ignore[attr-defined]
+            break
+    else:
+        raise ipam.mac_in_use(network.id, mac)
+    port = Port(id=port_id, network_id=network.id, mac_address=mac, device_id=device_id,
+                device_owner="compute:nova")  # detached: what ipam.allocate reads
+    # ipam.allocate_default, over the subnets we already have.
+    for version in (4, 6):
+        candidates = [s for s in subnets if s.ip_version == version and not ipam.is_auto_address(s)]
+        for subnet in candidates:
+            try:
+                await ipam.allocate(session, port, subnet)
+                break
+            except ApiError as exc:
+                if exc.kind != "IpAddressGenerationFailure":
+                    raise
+        else:
+            if candidates:
+                raise ipam.exhausted(network.id)
+    for subnet in subnets:
+        if ipam.is_auto_address(subnet):
+            await ipam.allocate(session, port, subnet)
