@@ -195,9 +195,16 @@ class Firewall:
         script = render(ports, remote_groups)
         if script == self.applied:
             return False
+        if not (Path("/proc/sys") / SYSCTLS[0]).exists():
+            # Bridged traffic reaches the inet hooks only through br_netfilter: without it the
+            # rules would silently never match. Load it, or fail loudly.
+            subprocess.run(["modprobe", "br_netfilter"], capture_output=True)
+            if not (Path("/proc/sys") / SYSCTLS[0]).exists():
+                raise RuntimeError("security groups need the br_netfilter kernel module "
+                                   "(modprobe br_netfilter)")
         for name in SYSCTLS:
             path = Path("/proc/sys") / name
-            if path.exists() and path.read_text().strip() != "1":
+            if path.read_text().strip() != "1":
                 path.write_text("1\n")
         done = subprocess.run([self.nft, "-f", "-"], input=script.encode(), capture_output=True)
         if done.returncode:
