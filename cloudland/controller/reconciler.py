@@ -73,6 +73,12 @@ class Reconciler:
         self.network_resend = 300.0
         self.schedule_batch = 500
         self.dirty_batch = 2000
+        # Specs for other member hosts of a network whose members changed (remote-group member
+        # sets, router neighbours) are sent at most this many per pass: during a launch they
+        # would otherwise dominate every pass (each new port re-specs every member host). The
+        # rest waits in ``fanout_nets`` (a set: a later pass sends each pair once, with the
+        # state of then). Peer lists do not wait: they go out as ``NetworkPeers``.
+        self.fanout_batch = 128
         self.sweep_batch = 1000
         self.schedule_after = self.clock() + 1.5 * config.agent.heartbeat_seconds
         self.usage_refresh = 30.0
@@ -87,6 +93,7 @@ class Reconciler:
         self.net_sent: dict[HostNet, tuple[str, float]] = {}
         self.dirty: set[str] = set()
         self.dirty_nets: set[HostNet] = set()
+        self.fanout_nets: set[HostNet] = set()
         self._sg_networks: set[str] = set()
         self.hosts_to_check: set[str] = set()
         self.hosts_changed: set[str] = set()  # came up or went down: their networks' peers change
@@ -156,8 +163,8 @@ class Reconciler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.dirty or self.dirty_nets or self._sg_networks or self.hosts_to_check
-                    or self.pending_reports or self.pending_restores)
+        return bool(self.dirty or self.dirty_nets or self.fanout_nets or self._sg_networks
+                    or self.hosts_to_check or self.pending_reports or self.pending_restores)
 
     # --- the pass --------------------------------------------------------------------------
 
@@ -219,10 +226,11 @@ class Reconciler:
             self.dirty_nets.update((h, n) for h, n in self.net_sent
                                    if n in routed and h not in members[n])
         for net, hosts in members.items():
-            if self.broadcast is None or net in with_groups:
-                self.dirty_nets.update((h, net) for h in hosts)
             if self.broadcast is None:
+                self.dirty_nets.update((h, net) for h in hosts)
                 continue
+            if net in with_groups:
+                self.fanout_nets.update((h, net) for h in hosts)
             addresses = sorted({a for h in hosts for a in [self._peer_address(h)] if a})
             if self._peers_sent.get(net) != addresses:
                 self._peers_sent[net] = addresses
@@ -293,9 +301,12 @@ class Reconciler:
 
     async def schedule(self) -> None:
         async with self.sessionmaker() as session, session.begin():
-            pending = list(await session.scalars(
-                select(Instance).where(Instance.host.is_(None), Instance.deleted_at.is_(None),
-                                       Instance.vm_state == "building")
+            # Only the columns placement needs (no ORM objects: converge loads the claimed rows).
+            pending = list(await session.execute(
+                select(Instance.id, Instance.deleted, Instance.flavor, Instance.availability_zone,
+                       Instance.requested_host)
+                .where(Instance.host.is_(None), Instance.deleted_at.is_(None),
+                       Instance.vm_state == "building")
                 .order_by(Instance.created_at, Instance.id).limit(self.schedule_batch)))
             if not pending:
                 return
@@ -324,9 +335,7 @@ class Reconciler:
                     used = self._usage_by_host.setdefault(host.id, [0, 0, 0])
                     for k, amount in enumerate(flavors[iid]):
                         used[k] += amount
-        if self._peers_of:
-            async with self.sessionmaker() as session:
-                await self._peer_updates(session)
+        # The claimed instances are dirty: converge() (next in the pass) sends the peer updates.
 
     # --- converging ------------------------------------------------------------------------
 
@@ -349,7 +358,7 @@ class Reconciler:
         return self.clock() - flight.sent_at < self.command_timeout
 
     async def converge(self) -> None:
-        if not self.dirty and not self.dirty_nets:
+        if not self.dirty and not self.dirty_nets and not self.fanout_nets and not self._peers_of:
             return
         batch = set()
         while self.dirty and len(batch) < self.dirty_batch:
@@ -414,6 +423,14 @@ class Reconciler:
         self.dirty_nets = set()
         for host, items in ensure.items():
             pairs.update((host, p.network_id) for i in items for p in ports[i.id])
+        self.fanout_nets -= pairs
+        budget = self.fanout_batch
+        if len(self.fanout_nets) <= budget:
+            pairs |= self.fanout_nets
+            self.fanout_nets = set()
+        else:
+            for _ in range(budget):
+                pairs.add(self.fanout_nets.pop())
         pairs = {(h, n) for h, n in pairs if self.hosts.is_up(h)}
         now = self.clock()
         commands: list[tuple[str, HostCommand]] = []

@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 STATE_REQUEST_TIMEOUT = 10.0
 # A host's full state is asked for at most this often (a digest mismatch can repeat).
 STATE_REQUEST_INTERVAL = 3.0
-# Reports and wakes are gathered this long before a pass runs.
+# Reports and wakes are gathered this long before a pass runs after an idle moment (a pass
+# that follows a busy one starts at once: the reports gathered while it ran are the batch).
 DEBOUNCE = 0.05
 # Seconds between checks for hosts whose heartbeats stopped.
 DOWN_CHECK = 1.0
@@ -117,6 +118,7 @@ class ControllerService:
         assert self.reconciler is not None
         period = self.config.controller.reconcile_seconds
         next_sweep = time.monotonic()
+        backlog = False
         while True:
             # Wake at least every second to notice silent hosts (cheap: no database work).
             timeout = max(0.0, min(next_sweep - time.monotonic(), DOWN_CHECK))
@@ -125,7 +127,8 @@ class ControllerService:
             sweep = time.monotonic() >= next_sweep
             if not self._kick.is_set() and not sweep and not self.hosts.overdue():
                 continue
-            await asyncio.sleep(DEBOUNCE)
+            if not backlog:
+                await asyncio.sleep(DEBOUNCE)
             self._kick.clear()
             sweep = time.monotonic() >= next_sweep
             if sweep:
@@ -139,7 +142,8 @@ class ControllerService:
             self.passes += 1
             self.stats.passes += 1
             self.stats.pass_seconds.append(time.monotonic() - started)
-            if self.reconciler.has_work:
+            backlog = self.reconciler.has_work
+            if backlog:
                 self._kick.set()
 
     # --- NATS ------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Every function flushes and never commits, so the API routes and other services (servers,
 routers) can create and delete ports atomically with their own rows. Uniqueness is enforced
 by the database (``ip_allocations`` primary key, ``ports (network_id, mac_address)``):
-a concurrent request that takes the address we picked makes our insert fail inside a
-savepoint, and we pick the next free address.
+a concurrent request that takes the address we picked makes our insert skip (``ON CONFLICT
+DO NOTHING``; a savepoint on other databases), and we pick the next free address.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import secrets
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -94,8 +95,33 @@ def exhausted(network_id: str) -> ApiError:
                     "IpAddressGenerationFailure")
 
 
+_allocations = IpAllocation.__table__
+# Per dialect: INSERT ... ON CONFLICT (subnet_id, ip_address) DO NOTHING RETURNING ip_address.
+_insert_or_skip: dict[str, Any] = {}
+
+
+def _insert_statement(dialect: str) -> Any:
+    stmt = _insert_or_skip.get(dialect)
+    if stmt is None:
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt = _insert_or_skip[dialect] = (
+            insert(_allocations).on_conflict_do_nothing(index_elements=["subnet_id", "ip_address"])
+            .returning(_allocations.c.ip_address))
+    return stmt
+
+
 async def _try_insert(session: AsyncSession, port: Port, subnet: Subnet, ip: str) -> bool:
-    """Insert one allocation in a savepoint; False if someone holds the address already."""
+    """Insert one allocation; False if someone holds the address already (the unique key
+    ``(subnet_id, ip_address)``). PostgreSQL and SQLite: one insert-or-skip statement, no
+    savepoint (a savepoint is two more round trips); other databases: a savepoint."""
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        if session.new or session.dirty or session.deleted:
+            await session.flush()  # the port row first (the allocation references it)
+        inserted = await session.execute(_insert_statement(dialect), {
+            "subnet_id": subnet.id, "ip_address": ip, "port_id": port.id,
+            "network_id": subnet.network_id})
+        return inserted.first() is not None
     try:
         async with session.begin_nested():
             session.add(IpAllocation(subnet_id=subnet.id, ip_address=ip, port_id=port.id,
