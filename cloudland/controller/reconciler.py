@@ -220,6 +220,13 @@ class Reconciler:
         if self.broadcast:
             with_groups = (await secgroups.networks_with_groups(session, nets)
                            | await specs.router_specs.networks_with_routers(session, nets))
+        # A group's members span its project: hosts on other networks whose rules admit a group
+        # with members here need the new member set too.
+        admitting = await secgroups.networks_admitting_members_of(session, nets) - nets
+        if admitting:
+            later = self.dirty_nets if self.broadcast is None else self.fanout_nets
+            for net, hosts in (await specs.hosts_of_networks(session, admitting)).items():
+                later.update((h, net) for h in hosts)
         routed = via_router | (nets & linked.keys())
         if routed:
             # A host that stopped realising a router keeps its networks until told otherwise.

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.bus.messages import PortSpec, SecurityRuleSpec
-from cloudland.db.models import IpAllocation, Port, SecurityGroup, SecurityGroupRule
+from cloudland.db.models import IpAllocation, Network, Port, SecurityGroup, SecurityGroupRule
 
 
 def _protocol(value: str | None) -> int | None:
@@ -76,3 +76,26 @@ async def networks_with_groups(session: AsyncSession, network_ids: Iterable[str]
     rows = await session.execute(
         select(Port.network_id, Port.security_groups).where(Port.network_id.in_(list(network_ids))))
     return {net for net, groups in rows if groups}
+
+
+async def networks_admitting_members_of(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:
+    """Networks with bound ports whose rules name, as remote group, a group that has ports on
+    ``network_ids``: when those networks' members change, so do these networks' member sets
+    (a group spans its project's networks)."""
+    nets = list(network_ids)
+    if not nets:
+        return set()
+    # The groups a joining or leaving port may be in: those of the projects using these networks
+    # (a port that just left is gone from the table, its project's groups are not).
+    projects = set(await session.scalars(select(Network.project_id).where(Network.id.in_(nets))))
+    projects |= set(await session.scalars(select(Port.project_id).distinct().where(
+        Port.network_id.in_(nets), Port.project_id != "")))
+    groups = select(SecurityGroup.id).where(SecurityGroup.project_id.in_(projects))
+    referring = set(await session.scalars(select(SecurityGroupRule.security_group_id).distinct().where(
+        SecurityGroupRule.remote_group_id.in_(groups))))
+    if not referring:
+        return set()
+    projects = select(SecurityGroup.project_id).where(SecurityGroup.id.in_(referring))
+    rows = await session.execute(select(Port.network_id, Port.security_groups).where(
+        Port.project_id.in_(projects), Port.binding_host_id != ""))
+    return {net for net, value in rows if set(value or []) & referring}

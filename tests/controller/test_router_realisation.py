@@ -117,3 +117,46 @@ async def test_router_realised_on_the_hosts_of_its_networks(cloud: Cloud, client
 
     await wait_for(released, timeout=20, describe=lambda: str(agents["hv2"].network.networks))  # type: ignore[union-attr]
     assert len(routers("hv3", nets[1])) == 1
+
+
+async def test_remote_group_members_reach_hosts_on_other_networks(cloud: Cloud, client: httpx.AsyncClient,
+                                                                  admin_token: str) -> None:
+    """The default group admits its members from any of the project's networks."""
+    agents = {"hv2": await _agent(cloud, "hv2", "192.0.2.20"),
+              "hv3": await _agent(cloud, "hv3", "192.0.2.30")}
+
+    async def hosts_up() -> bool:
+        async with cloud.app.state.sessionmaker() as s:
+            return set(await s.scalars(select(Host.id).where(Host.status == "up"))) >= set(agents)
+
+    await wait_for(hosts_up)
+    nets = []
+    for k in (1, 2):
+        net = await _post(client, admin_token, f"{N}/networks", "network", {"name": f"g{k}"})
+        await _post(client, admin_token, f"{N}/subnets", "subnet",
+                    {"network_id": net["id"], "cidr": f"10.61.{k}.0/24", "ip_version": 4})
+        nets.append(net["id"])
+    ids = {}
+    for host, net in (("hv2", nets[0]), ("hv3", nets[1])):
+        ids[host] = (await _post(client, admin_token, f"{V21}/servers", "server", {
+            "name": host, "imageRef": cloud.image_id, "flavorRef": "1", "networks": [{"uuid": net}],
+            "availability_zone": f"nova:{host}"}))["id"]
+    admin = {"X-Auth-Token": admin_token}
+    ip3 = (await client.get(f"{N}/ports?device_id={ids['hv3']}", headers=admin)).json()["ports"][0]
+    ip3 = ip3["fixed_ips"][0]["ip_address"]
+
+    def members_on_hv2() -> set[str]:
+        spec = agents["hv2"].network.networks.get(nets[0])  # type: ignore[union-attr]
+        return set() if spec is None else {ip for ips in spec.remote_groups.values() for ip in ips}
+
+    async def admitted() -> bool:
+        return ip3 in members_on_hv2()
+
+    # hv2 has only g1; the guest on g2 (hv3) is in the same default group, so hv2's rules admit it.
+    await wait_for(admitted, describe=lambda: str(members_on_hv2()))
+    assert (await client.delete(f"{V21}/servers/{ids['hv3']}", headers=admin)).status_code == 204
+
+    async def gone() -> bool:
+        return ip3 not in members_on_hv2()
+
+    await wait_for(gone, describe=lambda: str(members_on_hv2()))
