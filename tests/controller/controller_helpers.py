@@ -60,6 +60,25 @@ class Cloud:
         self.agents.append(agent)
         return agent
 
+    async def start_host(self, host: str, address: str) -> AgentService:
+        """Another simulated hypervisor, with its own underlay address."""
+        cfg = self.config.model_copy(deep=True)
+        cfg.agent.underlay_address = address
+        agent = AgentService(cfg, SimulatedComputeDriver(), SimulatedNetworkDriver(), host_id=host,
+                             image_cache=self.images)  # type: ignore[arg-type]
+        self.agents.append(agent)
+        await agent.start()
+        return agent
+
+    async def wait_hosts_up(self, hosts: Any) -> None:
+        from cloudland.db.models import Host
+
+        async def up() -> bool:
+            async with self.app.state.sessionmaker() as s:
+                return set(await s.scalars(select(Host.id).where(Host.status == "up"))) >= set(hosts)
+
+        await wait_for(up)
+
     async def create(self, **extra: Any) -> str:
         body = {"server": {"name": "vm", "imageRef": self.image_id, "flavorRef": "1", **extra}}
         r = await self.client.post(f"{V21}/servers", json=body, headers=self.headers)

@@ -4,22 +4,6 @@ from __future__ import annotations
 
 import httpx
 from controller_helpers import V21, Cloud, wait_for  # type: ignore[import-not-found]
-from sqlalchemy import select
-
-from cloudland.agent.drivers.compute.simulated import SimulatedComputeDriver
-from cloudland.agent.drivers.network.simulated import SimulatedNetworkDriver
-from cloudland.agent.service import AgentService
-from cloudland.db.models import Host
-
-
-async def _agent(cloud: Cloud, host: str, address: str) -> AgentService:
-    cfg = cloud.config.model_copy(deep=True)
-    cfg.agent.underlay_address = address
-    agent = AgentService(cfg, SimulatedComputeDriver(), SimulatedNetworkDriver(), host_id=host,
-                         image_cache=cloud.images)  # type: ignore[arg-type]
-    cloud.agents.append(agent)
-    await agent.start()
-    return agent
 
 
 async def _create(client: httpx.AsyncClient, token: str, cloud: Cloud, az: str) -> httpx.Response:
@@ -30,15 +14,11 @@ async def _create(client: httpx.AsyncClient, token: str, cloud: Cloud, az: str) 
 
 async def test_forced_hosts_peers_and_port_status(cloud: Cloud, client: httpx.AsyncClient,
                                                   admin_token: str) -> None:
-    hv2 = await _agent(cloud, "hv2", "192.0.2.20")
-    hv3 = await _agent(cloud, "hv3", "192.0.2.30")
+    hv2 = await cloud.start_host("hv2", "192.0.2.20")
+    hv3 = await cloud.start_host("hv3", "192.0.2.30")
     agents = {"hv1": cloud.agent, "hv2": hv2, "hv3": hv3}
 
-    async def hosts_known() -> bool:
-        async with cloud.app.state.sessionmaker() as s:
-            return set(await s.scalars(select(Host.id).where(Host.status == "up"))) >= set(agents)
-
-    await wait_for(hosts_known)
+    await cloud.wait_hosts_up(agents)
     # Only admins force a host; an unknown host is a 400.
     assert (await _create(client, cloud.token, cloud, "nova:hv2")).status_code == 403
     assert (await _create(client, admin_token, cloud, "nova:nope")).status_code == 400

@@ -9,23 +9,10 @@ import httpx
 from controller_helpers import V21, Cloud, wait_for  # type: ignore[import-not-found]
 from sqlalchemy import select
 
-from cloudland.agent.drivers.compute.simulated import SimulatedComputeDriver
-from cloudland.agent.drivers.network.simulated import SimulatedNetworkDriver
-from cloudland.agent.service import AgentService
 from cloudland.bus.messages import RouterSpec
-from cloudland.db.models import Host, Port
+from cloudland.db.models import Port
 
 N = "/network/v2.0"
-
-
-async def _agent(cloud: Cloud, host: str, address: str) -> AgentService:
-    cfg = cloud.config.model_copy(deep=True)
-    cfg.agent.underlay_address = address
-    agent = AgentService(cfg, SimulatedComputeDriver(), SimulatedNetworkDriver(), host_id=host,
-                         image_cache=cloud.images)  # type: ignore[arg-type]
-    cloud.agents.append(agent)
-    await agent.start()
-    return agent
 
 
 async def _post(client: httpx.AsyncClient, token: str, path: str, key: str, body: dict[str, Any]) -> Any:
@@ -37,14 +24,10 @@ async def _post(client: httpx.AsyncClient, token: str, path: str, key: str, body
 async def test_router_realised_on_the_hosts_of_its_networks(cloud: Cloud, client: httpx.AsyncClient,
                                                             admin_token: str) -> None:
     admin = {"X-Auth-Token": admin_token}
-    agents = {"hv2": await _agent(cloud, "hv2", "192.0.2.20"),
-              "hv3": await _agent(cloud, "hv3", "192.0.2.30")}
+    agents = {"hv2": await cloud.start_host("hv2", "192.0.2.20"),
+              "hv3": await cloud.start_host("hv3", "192.0.2.30")}
 
-    async def hosts_up() -> bool:
-        async with cloud.app.state.sessionmaker() as s:
-            return set(await s.scalars(select(Host.id).where(Host.status == "up"))) >= set(agents)
-
-    await wait_for(hosts_up)
+    await cloud.wait_hosts_up(agents)
     public = await _post(client, admin_token, f"{N}/networks", "network",
                          {"name": "public", "router:external": True, "provider:network_type": "flat",
                           "provider:physical_network": "public"})
@@ -122,14 +105,10 @@ async def test_router_realised_on_the_hosts_of_its_networks(cloud: Cloud, client
 async def test_remote_group_members_reach_hosts_on_other_networks(cloud: Cloud, client: httpx.AsyncClient,
                                                                   admin_token: str) -> None:
     """The default group admits its members from any of the project's networks."""
-    agents = {"hv2": await _agent(cloud, "hv2", "192.0.2.20"),
-              "hv3": await _agent(cloud, "hv3", "192.0.2.30")}
+    agents = {"hv2": await cloud.start_host("hv2", "192.0.2.20"),
+              "hv3": await cloud.start_host("hv3", "192.0.2.30")}
 
-    async def hosts_up() -> bool:
-        async with cloud.app.state.sessionmaker() as s:
-            return set(await s.scalars(select(Host.id).where(Host.status == "up"))) >= set(agents)
-
-    await wait_for(hosts_up)
+    await cloud.wait_hosts_up(agents)
     nets = []
     for k in (1, 2):
         net = await _post(client, admin_token, f"{N}/networks", "network", {"name": f"g{k}"})

@@ -87,28 +87,20 @@ def bump(obj: Router | FloatingIp) -> None:
 # --- queries ------------------------------------------------------------------------------------
 
 
-async def interface_ports(session: AsyncSession, router_ids: list[str]) -> list[Port]:
+async def _router_ports(session: AsyncSession, router_ids: list[str], owner: str) -> list[Port]:
     if not router_ids:
         return []
-    return list(
-        await session.scalars(
-            select(Port)
-            .where(Port.device_id.in_(router_ids), Port.device_owner == INTERFACE_OWNER)
-            .order_by(Port.created_at, Port.id)
-        )
-    )
+    return list(await session.scalars(
+        select(Port).where(Port.device_id.in_(router_ids), Port.device_owner == owner)
+        .order_by(Port.created_at, Port.id)))
+
+
+async def interface_ports(session: AsyncSession, router_ids: list[str]) -> list[Port]:
+    return await _router_ports(session, router_ids, INTERFACE_OWNER)
 
 
 async def gateway_ports(session: AsyncSession, router_ids: list[str]) -> list[Port]:
-    if not router_ids:
-        return []
-    return list(
-        await session.scalars(
-            select(Port)
-            .where(Port.device_id.in_(router_ids), Port.device_owner == GATEWAY_OWNER)
-            .order_by(Port.created_at, Port.id)
-        )
-    )
+    return await _router_ports(session, router_ids, GATEWAY_OWNER)
 
 
 async def interface_subnets(session: AsyncSession, router_id: str) -> list[tuple[Port, Subnet, str]]:

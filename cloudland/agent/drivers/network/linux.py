@@ -49,11 +49,10 @@ class LinuxNetworkDriver(NetworkDriver):
         # (docs/networking.md, "Security groups").
         self.enforce_security_groups = enforce_security_groups
         self._firewall = Firewall()
-        self._firewall_lock = asyncio.Lock()
+        self._host_wide_lock = asyncio.Lock()
         # Provider (flat / VLAN) networks: physical network name → this host's uplink interface.
         self.physical_networks = dict(physical_networks or {})
         self._routers = Routers(self.host_tag, self.state_dir / "routers")
-        self._routers_lock = asyncio.Lock()
 
     # --- state files ------------------------------------------------------------------
 
@@ -113,8 +112,7 @@ class LinuxNetworkDriver(NetworkDriver):
                 await self._ensure_dhcp(spec)
             else:
                 await self._remove_dhcp(spec.id)
-        await self._apply_firewall()
-        await self._converge_routers()
+        await self._apply_host_wide()
 
     async def remove_network(self, network_id: str) -> None:
         names.check_id(network_id, "network id")
@@ -124,35 +122,32 @@ class LinuxNetworkDriver(NetworkDriver):
             await asyncio.to_thread(self._remove_l2, network_id, spec)
             self._spec_path(network_id).unlink(missing_ok=True)
         self._locks.pop(network_id, None)
-        await self._apply_firewall()
-        await self._converge_routers()
+        await self._apply_host_wide()
 
-    async def _converge_routers(self) -> None:
-        """Routers of every network on this host, from the saved specs (``router.py``)."""
-        async with self._routers_lock:
+    async def _apply_host_wide(self) -> None:
+        """What spans this host's networks, from the saved specs (read once): the security groups
+        of every port (``firewall.py``) and the routers (``router.py``)."""
+        async with self._host_wide_lock:  # the newest snapshot is applied last
             specs = [s for n in await self.list_networks() if (s := self._load_spec(n)) is not None]
+            if self.enforce_security_groups:
+                await self._apply_firewall(specs)
             try:
                 await asyncio.to_thread(self._routers.converge, specs)
             except Exception:
                 log.exception("routers: converging failed")
 
-    async def _apply_firewall(self) -> None:
-        """Security groups of every port on this host, from the saved specs (``firewall.py``)."""
-        if not self.enforce_security_groups:
+    async def _apply_firewall(self, specs: list[NetworkSpec]) -> None:
+        ports = [p for s in specs for p in s.ports]
+        if self._firewall.applied is None and not any(p.port_security for p in ports):
             return
-        async with self._firewall_lock:  # the newest snapshot is applied last
-            specs = [s for n in await self.list_networks() if (s := self._load_spec(n)) is not None]
-            ports = [p for s in specs for p in s.ports]
-            if self._firewall.applied is None and not any(p.port_security for p in ports):
-                return
-            groups: dict[str, list[str]] = {}
-            for s in specs:
-                for group, members in s.remote_groups.items():
-                    groups[group] = sorted(set(groups.get(group, [])) | set(members))
-            try:
-                await asyncio.to_thread(self._firewall.apply, ports, groups)
-            except Exception:
-                log.exception("security groups: applying the nftables ruleset failed")
+        groups: dict[str, list[str]] = {}
+        for s in specs:
+            for group, members in s.remote_groups.items():
+                groups[group] = sorted(set(groups.get(group, [])) | set(members))
+        try:
+            await asyncio.to_thread(self._firewall.apply, ports, groups)
+        except Exception:
+            log.exception("security groups: applying the nftables ruleset failed")
 
     async def plug_port(self, port: PortSpec) -> str:
         tap = names.tap_name(port.port_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 
@@ -36,12 +37,32 @@ def running(pid_file: Path) -> tuple[int, list[str]] | None:
     return pid, argv
 
 
+def _terminate(pid_file: Path) -> int | None:
+    """SIGTERM the daemon; its pid (None if none) for the caller to wait on."""
+    found = running(pid_file)
+    if found is None:
+        return None
+    os.kill(found[0], signal.SIGTERM)
+    return found[0]
+
+
+def stop_blocking(pid_file: Path, timeout: float = 5.0) -> None:
+    """``stop`` for code running in a worker thread."""
+    pid = _terminate(pid_file)
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while cmdline(pid) is not None:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + timeout
+            time.sleep(0.05)
+    pid_file.unlink(missing_ok=True)
+
+
 async def stop(pid_file: Path, timeout: float = 5.0) -> None:
     """SIGTERM the daemon, SIGKILL it if it outlives ``timeout``; remove the pid file."""
-    found = running(pid_file)
-    if found is not None:
-        pid = found[0]
-        os.kill(pid, signal.SIGTERM)
+    pid = _terminate(pid_file)
+    if pid is not None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while cmdline(pid) is not None:

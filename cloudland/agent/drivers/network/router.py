@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,24 +199,11 @@ def ra_args(router: Router, files: dnsmasq.DhcpFiles, present: set[str] | None =
             "--user=root", "--group=root", "--enable-ra", *ranges, *params]
 
 
-def _stop_daemon(pid_file: Path, timeout: float = 5.0) -> None:
-    found = pidfile.running(pid_file)
-    if found is not None:
-        os.kill(found[0], signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while pidfile.cmdline(found[0]) is not None:
-            if time.monotonic() > deadline:
-                os.kill(found[0], signal.SIGKILL)
-                deadline = time.monotonic() + timeout
-            time.sleep(0.05)
-    pid_file.unlink(missing_ok=True)
-
-
 def stop_all(state_dir: Path) -> None:
     """Stop every router's dnsmasq under ``state_dir`` (``cloudland down``)."""
     if state_dir.is_dir():
         for directory in state_dir.iterdir():
-            _stop_daemon(dnsmasq.DhcpFiles(directory).pid)
+            pidfile.stop_blocking(dnsmasq.DhcpFiles(directory).pid)
 
 
 class Routers:
@@ -269,7 +253,7 @@ class Routers:
         found = dnsmasq.running(files)
         if found is not None and args and found[1][1:] == args[1:]:
             return
-        _stop_daemon(files.pid)
+        pidfile.stop_blocking(files.pid)
         if not args:
             return
         files.directory.mkdir(parents=True, exist_ok=True)
@@ -280,7 +264,7 @@ class Routers:
 
     def _remove(self, ns: str, router_id: str) -> None:
         self._converged.pop(router_id, None)
-        _stop_daemon(self._files(router_id).pid)
+        pidfile.stop_blocking(self._files(router_id).pid)
         netlink.remove_netns(ns)  # its ends of the veths go with it, and so do their peers
         self._applied_nat.pop(router_id, None)
         self._announced.pop(router_id, None)
