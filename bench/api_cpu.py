@@ -127,6 +127,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures["create_cpu_ms"] = 1000 * cpu / n
                 figures["create_per_second"] = n / wall
                 figures["create_p50_ms"] = 1000 * statistics.median(lat) if lat else 0
+                batcher = getattr(app.state, "create_batcher", None)
+                if batcher is not None:  # group commit (cloudland/api/compute/create_batch.py)
+                    figures["creates_per_batch"] = batcher.batched / max(1, batcher.batches)
+                    figures["batch_fallbacks"] = batcher.fallbacks
 
                 pages: list[float] = []
                 prof = _Profiler(args.profile, "list")

@@ -65,6 +65,9 @@ class ComputeConfig(Section):
     quota_instances: int = 10
     quota_cores: int = 20
     quota_ram: int = 51200  # MiB
+    # Concurrent server creates of an API process share one transaction (group commit; see
+    # cloudland/api/compute/create_batch.py). Off: one transaction per request.
+    batch_creates: bool = True
 
 
 class AgentConfig(Section):

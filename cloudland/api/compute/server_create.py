@@ -446,18 +446,8 @@ async def create_instances(session: AsyncSession, ctx: RequestContext, req: Crea
     ids = []
     for index in range(count):
         instance_id = new_id()
-        await session.execute(_INSERT_INSTANCE, {
-            "id": instance_id, "name": f"{req.name}-{index + 1}" if count > 1 else req.name,
-            "project_id": project_id, "user_id": ctx.user_id,
-            "image_id": req.image.id if req.image else None,
-            "flavor_id": req.flavor.id, "flavor": flavor_copy(req.flavor),
-            "key_name": req.key_name, "key_data": req.key_data, "user_data": req.user_data,
-            "config_drive": req.config_drive, "metadata": req.metadata,
-            "availability_zone": req.availability_zone, "requested_host": req.requested_host,
-            "security_groups": req.security_groups,
-            "preserved_port_ids": [n.port.id for n in req.networks if n.port is not None],
-            "vm_state": "building", "task_state": "scheduling", "power_state": 0,
-            "desired_power": "running"})
+        await session.execute(INSERT_INSTANCE, instance_row(
+            ctx, req, instance_id, f"{req.name}-{index + 1}" if count > 1 else req.name))
         for net in req.networks:
             if net.port is not None:
                 claimed = await session.execute(
@@ -480,7 +470,31 @@ async def create_instances(session: AsyncSession, ctx: RequestContext, req: Crea
     return ids
 
 
-_INSERT_INSTANCE = insert(Instance.__table__)
+INSERT_INSTANCE = insert(Instance.__table__)
+
+
+def instance_row(ctx: RequestContext, req: CreateRequest, instance_id: str, name: str) -> dict[str, Any]:
+    """The values of a new server's row (``INSERT_INSTANCE``)."""
+    return {
+        "id": instance_id, "name": name, "project_id": ctx.project_id, "user_id": ctx.user_id,
+        "image_id": req.image.id if req.image else None,
+        "flavor_id": req.flavor.id, "flavor": flavor_copy(req.flavor),
+        "key_name": req.key_name, "key_data": req.key_data, "user_data": req.user_data,
+        "config_drive": req.config_drive, "metadata": req.metadata,
+        "availability_zone": req.availability_zone, "requested_host": req.requested_host,
+        "security_groups": req.security_groups,
+        "preserved_port_ids": [n.port.id for n in req.networks if n.port is not None],
+        "vm_state": "building", "task_state": "scheduling", "power_state": 0,
+        "desired_power": "running"}
+
+
+def port_row(network: Network, project_id: str, port_id: str, mac: str, device_id: str,
+             group_ids: list[str]) -> dict[str, Any]:
+    """The values of a server's new port on ``network`` (groups apply only with port security)."""
+    return {"id": port_id, "network_id": network.id, "project_id": project_id, "name": "",
+            "mac_address": mac, "device_id": device_id, "device_owner": "compute:nova",
+            "binding_host_id": "", "port_security_enabled": network.port_security_enabled,
+            "security_groups": group_ids if network.port_security_enabled else []}
 # A port row unless its MAC is taken on the network (then nothing: the caller tries another).
 _INSERT_OR_IGNORE = {"postgresql": postgresql.insert(Port.__table__).on_conflict_do_nothing(),
                      "sqlite": sqlite.insert(Port.__table__).on_conflict_do_nothing()}
@@ -497,10 +511,8 @@ async def _create_port(session: AsyncSession, network: Network, subnets: list[Su
     port_id = new_id()
     for _ in range(ipam.MAX_ATTEMPTS):
         mac = ipam.random_mac()
-        inserted = await session.execute(insert_port, {
-            "id": port_id, "network_id": network.id, "project_id": project_id, "name": "",
-            "mac_address": mac, "device_id": device_id, "device_owner": "compute:nova", "binding_host_id": "",
-            "port_security_enabled": network.port_security_enabled, "security_groups": group_ids})
+        inserted = await session.execute(insert_port, port_row(network, project_id, port_id, mac,
+                                                               device_id, group_ids))
         if inserted.rowcount == 1:  # type: ignore[attr-defined]
             break
     else:

@@ -11,14 +11,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import Text, and_, cast, or_, select, tuple_
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
-from cloudland.api.compute import common, server_actions, server_create
+from cloudland.api.compute import common, create_batch, server_actions, server_create
+from cloudland.api.compute.create_batch import CreateBatcher
 from cloudland.api.compute.server_render import (
     VALUE_COLUMNS,
     load_addresses,
@@ -29,6 +30,9 @@ from cloudland.api.context import RequestContext, require_context
 from cloudland.api.deps import get_db, wake_controller
 from cloudland.api.errors import bad_request, forbidden, not_found
 from cloudland.api.policy import require_project_scope, require_write
+from cloudland.bus import subjects
+from cloudland.bus.messages import Wake, encode
+from cloudland.config import Config
 from cloudland.controller.instance_status import finalize_delete
 from cloudland.db.models import Host, Instance
 
@@ -209,6 +213,17 @@ def _json_response(body: Any, status_code: int = 200) -> Response:
     return Response(msgspec.json.encode(body), status_code=status_code, media_type="application/json")
 
 
+async def setup(app: FastAPI, config: Config) -> None:
+    """Group commit of creates on the databases it has statements for (``create_batch``)."""
+    if app.state.engine.dialect.name in create_batch.DIALECTS and config.compute.batch_creates:
+        async def written(server_ids: list[str]) -> None:
+            bus = app.state.bus
+            if bus is not None and bus.is_connected:
+                await bus.publish(subjects.CONTROLLER_WAKE, encode(Wake(instance_ids=server_ids)))
+
+        app.state.create_batcher = CreateBatcher(app.state.sessionmaker, config.compute, written)
+
+
 @router.get("/servers")
 async def list_servers(request: Request, ctx: RequestContext = Depends(require_context),
                        session: AsyncSession = Depends(get_db)) -> Response:
@@ -227,12 +242,25 @@ async def create_server(request: Request, ctx: RequestContext = Depends(require_
     require_write(ctx)
     project_id = require_project_scope(ctx)
     payload = await _json(request)
-    async with session.begin():
+    batcher: CreateBatcher | None = getattr(request.app.state, "create_batcher", None)
+    req = None
+    if batcher is not None and create_batch.batchable_body(payload):
+        # The lookups need no transaction (BEGIN and COMMIT would be two more round trips);
+        # the writes share one with the other creates of the moment.
+        await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         req = await server_create.parse_create(session, ctx, payload)
-        count = await server_create.allowed_count(session, project_id, req,
-                                                  request.app.state.config.compute)
-        server_ids = await server_create.create_instances(session, ctx, req, count)
-    await wake_controller(request, server_ids)
+        await session.close()
+    if req is not None and create_batch.batchable(req):
+        assert batcher is not None
+        server_ids = [await batcher.create(ctx, req)]  # the batcher wakes the controller
+    else:
+        async with request.app.state.sessionmaker() as writer, writer.begin():
+            if req is None:
+                req = await server_create.parse_create(writer, ctx, payload)
+            count = await server_create.allowed_count(writer, project_id, req,
+                                                      request.app.state.config.compute)
+            server_ids = await server_create.create_instances(writer, ctx, req, count)
+        await wake_controller(request, server_ids)
     first, base = server_ids[0], _base(request)
     body = {"id": first, "links": [{"rel": "self", "href": f"{base}/compute/v2.1/servers/{first}"},
                                    {"rel": "bookmark", "href": f"{base}/compute/servers/{first}"}],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -441,3 +442,121 @@ async def disassociate_stale_floating_ips(session: AsyncSession, port_id: str) -
     fips = [f for f in await session.scalars(select(FloatingIp).where(FloatingIp.port_id == port_id))
             if f.fixed_ip_address not in held]
     return await _release_floating_ips(session, fips)
+
+
+_insert_many: dict[str, Any] = {}
+
+
+def _insert_many_statement(dialect: str) -> Any:
+    stmt = _insert_many.get(dialect)
+    if stmt is None:
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt = _insert_many[dialect] = (
+            insert(_allocations).on_conflict_do_nothing(index_elements=["subnet_id", "ip_address"])
+            .returning(_allocations.c.subnet_id, _allocations.c.ip_address))
+    return stmt
+
+
+async def allocate_many(session: AsyncSession,
+                        wanted: list[tuple[str, str, Subnet]]) -> dict[tuple[str, str], str]:
+    """Automatic addresses for many ports at once: ``(port id, MAC, subnet)`` → the address, by
+    ``(port id, subnet id)``. The ports' rows exist. Small pools give their lowest free addresses
+    (all small pools read in one query), big ones free addresses from this process's cursor (a
+    window each), SLAAC subnets EUI-64; all rows go in one insert-or-skip, and addresses a
+    concurrent request took meanwhile are picked again. PostgreSQL and SQLite only. Raises
+    ``exhausted`` or ``ip_in_use`` as ``allocate`` does."""
+    dialect = session.get_bind().dialect.name
+    result: dict[tuple[str, str], str] = {}
+    pending = list(wanted)
+    taken_here: dict[str, set[int]] = defaultdict(set)  # per subnet: picked in this call
+    for _ in range(MAX_ATTEMPTS):
+        small = {s.id: s for _, _, s in pending
+                 if not is_auto_address(s) and _pool_size(s) <= SMALL_POOL}
+        used: dict[str, set[int]] = defaultdict(set)
+        if small:
+            rows = await session.execute(select(IpAllocation.subnet_id, IpAllocation.ip_address)
+                                         .where(IpAllocation.subnet_id.in_(sorted(small))))
+            for subnet_id, ip in rows:
+                used[subnet_id].add(int(ipaddress.ip_address(ip)))
+        need_big: dict[str, int] = defaultdict(int)
+        big: dict[str, Subnet] = {}
+        for _, _, s in pending:
+            if not is_auto_address(s) and s.id not in small:
+                need_big[s.id] += 1
+                big[s.id] = s
+        free_big = {sid: await _free_from_cursor(session, big[sid], n) for sid, n in need_big.items()}
+        rows_in: list[dict[str, Any]] = []
+        for port_id, mac, s in pending:
+            if is_auto_address(s):
+                ip = eui64(s.cidr, mac)
+            elif s.id in small:
+                u = used[s.id] | taken_here[s.id]
+                if s.gateway_ip:
+                    u.add(int(ipaddress.ip_address(s.gateway_ip)))
+                candidate = first_free(pool_ranges(s), u)
+                if candidate is None:
+                    raise exhausted(s.network_id)
+                taken_here[s.id].add(candidate)
+                ip = _text(candidate, s)
+            else:
+                if not free_big[s.id]:
+                    raise exhausted(s.network_id)
+                ip = _text(free_big[s.id].pop(), s)
+            rows_in.append({"subnet_id": s.id, "ip_address": ip, "port_id": port_id,
+                            "network_id": s.network_id})
+        got = {(r[0], r[1]) for r in await session.execute(_insert_many_statement(dialect), rows_in)}
+        again = []
+        for row, entry in zip(rows_in, pending, strict=True):
+            if (row["subnet_id"], row["ip_address"]) in got:
+                result[(entry[0], row["subnet_id"])] = row["ip_address"]
+            elif is_auto_address(entry[2]):
+                raise ip_in_use(row["ip_address"], row["subnet_id"])
+            else:
+                again.append(entry)
+        if not again:
+            return result
+        pending = again
+    raise exhausted(pending[0][2].network_id)
+
+
+def _pool_size(subnet: Subnet) -> int:
+    return sum(end - start + 1 for start, end in pool_ranges(subnet))
+
+
+def _text(address: int, subnet: Subnet) -> str:
+    return str(ipaddress.IPv4Address(address) if subnet.ip_version == 4 else ipaddress.IPv6Address(address))
+
+
+async def _free_from_cursor(session: AsyncSession, subnet: Subnet, count: int) -> list[int]:
+    """Up to ``count`` free addresses of a big pool from this process's cursor on (windows as in
+    ``_allocate_windowed``, the cursor moves past them); fewer only when the pool is full."""
+    ranges = pool_ranges(subnet)
+    gateway = int(ipaddress.ip_address(subnet.gateway_ip)) if subnet.gateway_ip else None
+    pool_start = min(lo for lo, _ in ranges)
+    start = _cursor.get(subnet.id, pool_start)
+    recent = _recent.setdefault(subnet.id, set())
+    found: list[int] = []
+    wrapped = False
+    while len(found) < count:
+        window = [a for a in _window(ranges, start, WINDOW) if a != gateway]
+        if not window:
+            if wrapped:
+                break
+            wrapped, start = True, pool_start
+            recent.clear()
+            continue
+        by_text = {_text(a, subnet): a for a in window}
+        taken = set(await session.scalars(select(IpAllocation.ip_address).where(
+            IpAllocation.subnet_id == subnet.id, IpAllocation.ip_address.in_(list(by_text)))))
+        free = [a for t, a in by_text.items() if t not in taken and a not in recent]
+        # At random among the first free ones, as _allocate_windowed: other processes' cursors
+        # may be here too.
+        while free and len(found) < count:
+            a = free.pop(secrets.randbelow(min(len(free), 32)))
+            found.append(a)
+            recent.add(a)
+        start = min(free) if free else window[-1] + 1
+    _cursor[subnet.id] = start
+    if len(recent) > 4 * WINDOW:
+        recent.clear()
+    return found
