@@ -6,14 +6,19 @@ the report shows the desired state reached, so a stale report never ends a pendi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from cloudland.api.network import ipam
 from cloudland.bus.messages import InstanceStatus
+from cloudland.controller.columns import OneOf, json_text, json_value, per_dialect
 from cloudland.db.models import Instance, Port, utcnow
 
 POWER_RUNNING, POWER_PAUSED, POWER_SHUTDOWN, POWER_NOSTATE = 1, 3, 4, 0
@@ -55,7 +60,7 @@ async def finalize_delete(session: AsyncSession, inst: Instance) -> set[str]:
     return networks
 
 
-def _apply(inst: Instance, status: InstanceStatus, adopt_guest_shutdown: bool) -> None:
+def _apply(inst: Instance | _Row, status: InstanceStatus, adopt_guest_shutdown: bool) -> None:
     state = status.state
     if state == "running":
         inst.vm_state, inst.power_state, inst.fault = "active", POWER_RUNNING, None
@@ -82,21 +87,73 @@ def _apply(inst: Instance, status: InstanceStatus, adopt_guest_shutdown: bool) -
     # "building" changes nothing: the row is building (or a task is pending) already.
 
 
+_instances = Instance.__table__
+# What a report reads and may change (``_Row``'s order); only the last six are ever written.
+_READ = ("id", "host", "deleted", "deleted_at", "reboot_generation")
+_WRITTEN = ("vm_state", "task_state", "power_state", "desired_power", "launched_at", "fault")
+
+
+@per_dialect
+def _rows_stmt(one_of: OneOf) -> Select[Any]:
+    columns = [_instances.c[name] for name in _READ + _WRITTEN[:-1]]
+    return select(*columns, json_text(_instances.c.fault)).where(one_of(_instances.c.id, "ids"))
+
+
+class _Row:
+    """The columns of an instance that a report reads or changes (not an ORM object)."""
+
+    __slots__ = _READ + _WRITTEN
+
+    def __init__(self, row: Sequence[Any]) -> None:
+        for name, value in zip(self.__slots__, row, strict=True):
+            setattr(self, name, value)
+        self.fault = json_value(self.fault)  # read as text (shared when decoded: never changed)
+
+    def written(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _WRITTEN)
+
+
+async def _write(session: AsyncSession, changes: list[tuple[str, dict[str, Any]]]) -> None:
+    """One executemany UPDATE per set of changed columns (as the ORM's flush would), with
+    updated_at; instances of the session's identity map (a caller's ORM objects) get the values
+    as if loaded."""
+    now = utcnow()
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for iid, values in changes:
+        groups[tuple(values)].append({"b_id": iid, **{f"b_{k}": v for k, v in values.items()}})
+    for names, params in groups.items():
+        statement = (update(_instances).where(_instances.c.id == bindparam("b_id"))
+                     .values(updated_at=now, **{name: bindparam(f"b_{name}") for name in names}))
+        await session.execute(statement, params)
+    identities = session.identity_map
+    for iid, values in changes:
+        obj = identities.get(identity_key(Instance, iid))
+        if obj is not None:
+            for name, value in (*values.items(), ("updated_at", now)):
+                set_committed_value(obj, name, value)
+
+
 async def apply_statuses(session: AsyncSession, statuses: Iterable[InstanceStatus],
                          adopt_guest_shutdown: bool = True) -> Outcome:
     """Apply reports in the caller's transaction; the last report per instance wins.
 
     With ``adopt_guest_shutdown`` a running guest reported stopped becomes desired-stopped
     (the guest shut itself down, as Nova sees it); without it (a restarted agent's first
-    report) the guest is started again."""
+    report) the guest is started again.
+
+    Rows are read and written with Core statements (the columns involved, changed columns only,
+    as the ORM's flush would write them); only deletes load the ORM object."""
     latest: dict[str, InstanceStatus] = {}
     for status in statuses:
         latest[status.instance_id] = status
     outcome = Outcome()
     if not latest:
         return outcome
-    rows = {i.id: i for i in await session.scalars(select(Instance).where(Instance.id.in_(list(latest))))}
+    await session.flush()  # the caller's pending changes first (a Core select does not autoflush)
+    rows = {r[0]: _Row(r) for r in await session.execute(_rows_stmt(session), {"ids": list(latest)})}
     port_status: dict[str, list[str]] = {"ACTIVE": [], "DOWN": []}
+    finalize: list[str] = []
+    changes: list[tuple[str, dict[str, Any]]] = []
     for iid, status in latest.items():
         inst = rows.get(iid)
         if inst is None or inst.deleted_at is not None or inst.host != status.host_id:
@@ -105,15 +162,26 @@ async def apply_statuses(session: AsyncSession, statuses: Iterable[InstanceStatu
             continue
         if inst.deleted:
             if status.state == "absent":
-                networks = await finalize_delete(session, inst)
-                outcome.finalized.append((inst, inst.host, networks))
+                finalize.append(iid)
             continue
         if status.state == "absent":
             outcome.missing.append(iid)
             continue
+        before = inst.written()
         _apply(inst, status, adopt_guest_shutdown)
+        after = inst.written()
+        if after != before:
+            changes.append((iid, {name: new for name, old, new in zip(_WRITTEN, before, after, strict=True)
+                                  if new != old}))
         if status.state in ("running", "stopped", "error"):
             port_status["ACTIVE" if status.state == "running" else "DOWN"].append(iid)
+    if changes:
+        await _write(session, changes)
+    if finalize:
+        objects = {i.id: i for i in await session.scalars(select(Instance).where(Instance.id.in_(finalize)))}
+        for iid in finalize:
+            if (obj := objects.get(iid)) is not None:
+                outcome.finalized.append((obj, obj.host, await finalize_delete(session, obj)))
     for value, ids in port_status.items():
         if ids:
             # Neutron: a port is ACTIVE while its guest runs (its tap is plugged and up).

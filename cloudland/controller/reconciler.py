@@ -14,8 +14,9 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cloudland.bus import subjects
@@ -35,8 +36,10 @@ from cloudland.bus.messages import (
 )
 from cloudland.config import Config
 from cloudland.controller import scheduler, secgroups, specs
+from cloudland.controller.columns import OneOf, json_text, json_value, per_dialect
 from cloudland.controller.hosts import HostIndex, HostInfo
 from cloudland.controller.instance_status import Outcome, apply_statuses, finalize_delete
+from cloudland.controller.specs import InstanceRow
 from cloudland.db.models import Host, Instance
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,25 @@ log = logging.getLogger(__name__)
 Send = Callable[[str, HostCommand], Awaitable[None]]
 Broadcast = Callable[[str, Message], Awaitable[None]]
 HostNet = tuple[str, str]
+
+
+_instances = Instance.__table__
+_PENDING = (select(_instances.c.id, _instances.c.deleted, json_text(_instances.c.flavor),
+                   _instances.c.availability_zone, _instances.c.requested_host)
+            .where(_instances.c.host.is_(None), _instances.c.deleted_at.is_(None),
+                   _instances.c.vm_state == "building")
+            .order_by(_instances.c.created_at, _instances.c.id).limit(bindparam("limit")))
+
+
+@per_dialect
+def _on_hosts_stmt(one_of: OneOf) -> Select[Any]:
+    return select(_instances.c.id).where(one_of(_instances.c.host, "hosts"),
+                                         _instances.c.deleted_at.is_(None))
+
+
+@per_dialect
+def _load_stmt(one_of: OneOf) -> Select[Any]:
+    return select(*specs.INSTANCE_COLUMNS).where(one_of(specs.INSTANCE_COLUMNS[0], "ids"))
 
 
 @dataclass
@@ -84,6 +106,7 @@ class Reconciler:
         self.usage_refresh = 30.0
         self._usage_by_host: dict[str, list[int]] = {}
         self._usage_read_at = -self.usage_refresh
+        self._placement: scheduler.Placement | None = None
         # host -> instance -> last status (never "absent"); hosts whose full state is known.
         self.actual: dict[str, dict[str, InstanceStatus]] = defaultdict(dict)
         self.synced: set[str] = set()
@@ -270,8 +293,7 @@ class Reconciler:
         changed, self.hosts_changed = self.hosts_changed, set()
         check = to_check | {h for h in changed if not self.hosts.is_up(h)}
         if check:
-            self.dirty.update(await session.scalars(select(Instance.id).where(
-                Instance.host.in_(list(check)), Instance.deleted_at.is_(None))))
+            self.dirty.update(await session.scalars(_on_hosts_stmt(session), {"hosts": list(check)}))
         if to_check:
             wanted = await specs.networks_of_hosts(session, to_check)
             for host in to_check:
@@ -296,45 +318,58 @@ class Reconciler:
 
     # --- scheduling ------------------------------------------------------------------------
 
-    async def _usage(self, session: AsyncSession) -> dict[str, tuple[int, int, int]]:
-        """Claimed resources per host: read from the database every ``usage_refresh`` seconds,
+    async def _placement_now(self, session: AsyncSession) -> scheduler.Placement:
+        """The placement, brought up to date: hosts that changed (up, down, enabled, capacity)
+        and hosts whose usage changed are recomputed.
+
+        Claimed resources per host: read from the database every ``usage_refresh`` seconds,
         and between reads the claims this controller made are added in memory. Deletes show at
         the next read, so capacity is under-estimated for a while, never over-committed."""
         now = self.clock()
+        changed: set[str] = set()
         if now - self._usage_read_at >= self.usage_refresh:
-            self._usage_by_host = {h: list(u) for h, u in (await scheduler.load_usage(session)).items()}
+            fresh = {h: list(u) for h, u in (await scheduler.load_usage(session)).items()}
+            old = self._usage_by_host
+            changed = {h for h in old.keys() | fresh.keys() if old.get(h) != fresh.get(h)}
+            self._usage_by_host = fresh
             self._usage_read_at = now
-        return {h: (u[0], u[1], u[2]) for h, u in self._usage_by_host.items()}
+        changed |= self.hosts.take_changed()
+        if self._placement is None:
+            self._placement = scheduler.Placement(self.hosts.up_hosts(), self._usage_by_host,
+                                                  self.config.controller)
+        else:
+            self._placement.update([h for h in map(self.hosts.get, changed) if h is not None],
+                                   self._usage_by_host)
+        return self._placement
 
     async def schedule(self) -> None:
         async with self.sessionmaker() as session, session.begin():
             # Only the columns placement needs (no ORM objects: converge loads the claimed rows).
-            pending = list(await session.execute(
-                select(Instance.id, Instance.deleted, Instance.flavor, Instance.availability_zone,
-                       Instance.requested_host)
-                .where(Instance.host.is_(None), Instance.deleted_at.is_(None),
-                       Instance.vm_state == "building")
-                .order_by(Instance.created_at, Instance.id).limit(self.schedule_batch)))
+            pending = list(await session.execute(_PENDING, {"limit": self.schedule_batch}))
             if not pending:
                 return
-            placement = scheduler.Placement(self.hosts.up_hosts(), await self._usage(session),
-                                            self.config.controller)
+            placement = await self._placement_now(session)
             picks: list[tuple[str, HostInfo]] = []
-            flavors: dict[str, tuple[int, int, int]] = {}
-            for inst in pending:
-                if inst.deleted:
-                    self.dirty.add(inst.id)  # local delete, in converge()
-                    continue
-                host_id = placement.pick(inst.flavor or {}, inst.availability_zone, inst.requested_host)
-                if host_id is None:
-                    log.info("instance %s: no valid host", inst.id)
-                    await scheduler.fail_no_host(session, inst.id)
-                    continue
-                host = self.hosts.get(host_id)
-                assert host is not None
-                picks.append((inst.id, host))
-                flavors[inst.id] = scheduler.flavor_needs(inst.flavor or {})
-            claimed = await scheduler.claim_many(session, picks)
+            try:
+                flavors: dict[str, tuple[int, int, int]] = {}
+                for iid, deleted, flavor_text, zone, requested_host in pending:
+                    if deleted:
+                        self.dirty.add(iid)  # local delete, in converge()
+                        continue
+                    flavor = json_value(flavor_text) or {}
+                    host_id = placement.pick(flavor, zone, requested_host)
+                    if host_id is None:
+                        log.info("instance %s: no valid host", iid)
+                        await scheduler.fail_no_host(session, iid)
+                        continue
+                    host = self.hosts.get(host_id)
+                    assert host is not None
+                    picks.append((iid, host))
+                    flavors[iid] = scheduler.flavor_needs(flavor)
+                claimed = await scheduler.claim_many(session, picks)
+            except BaseException:
+                self._placement = None  # capacity taken by picks never claimed: rebuild next time
+                raise
             for iid, host in picks:
                 if iid in claimed:
                     self.dirty.add(iid)
@@ -342,15 +377,18 @@ class Reconciler:
                     used = self._usage_by_host.setdefault(host.id, [0, 0, 0])
                     for k, amount in enumerate(flavors[iid]):
                         used[k] += amount
+            # The picked hosts from capacity - usage again: a claim's usage was just added, a failed
+            # claim (placed or deleted meanwhile) gives its capacity back.
+            placement.update([host for _, host in picks], self._usage_by_host)
         # The claimed instances are dirty: converge() (next in the pass) sends the peer updates.
 
     # --- converging ------------------------------------------------------------------------
 
-    def _matches(self, inst: Instance, status: InstanceStatus | None) -> bool:
+    def _matches(self, inst: InstanceRow, status: InstanceStatus | None) -> bool:
         return (status is not None and status.state == inst.desired_power
                 and status.reboot_generation >= inst.reboot_generation)
 
-    def _fingerprint(self, inst: Instance) -> tuple[object, ...]:
+    def _fingerprint(self, inst: InstanceRow) -> tuple[object, ...]:
         if inst.deleted:
             return ("absent",)
         return ("present", inst.desired_power, inst.reboot_generation)
@@ -370,11 +408,12 @@ class Reconciler:
         batch = set()
         while self.dirty and len(batch) < self.dirty_batch:
             batch.add(self.dirty.pop())
-        ensure: dict[str, list[Instance]] = defaultdict(list)
-        absent: list[Instance] = []
+        ensure: dict[str, list[InstanceRow]] = defaultdict(list)
+        absent: list[InstanceRow] = []
         async with self.sessionmaker() as session, session.begin():
             rows = await self._load(session, batch)
             synced_statuses = []
+            finalize: list[InstanceRow] = []
             for inst in rows:
                 if inst.deleted_at is not None:
                     continue
@@ -384,12 +423,12 @@ class Reconciler:
                     if host is None or not up:
                         # Nova's local delete: the host cannot answer, so do not wait for it; its
                         # HostState lists the guest when it returns and it is destroyed then.
-                        self._networks_changed(host, await finalize_delete(session, inst))
+                        finalize.append(inst)
                         self.inflight.pop((host or "", inst.id), None)
                     elif (host in self.synced and inst.id not in self.actual[host]
                           and (host, inst.id) not in self.inflight):
                         # Gone from the host and no EnsureInstance still on its way to it.
-                        self._networks_changed(host, await finalize_delete(session, inst))
+                        finalize.append(inst)
                     elif not self._in_flight(inst.id, host, ("absent",)):
                         absent.append(inst)
                     continue
@@ -403,6 +442,12 @@ class Reconciler:
                     continue
                 if not self._in_flight(inst.id, host, self._fingerprint(inst)):
                     ensure[host].append(inst)
+            if finalize:  # finalize_delete changes the ORM object: load those (few) rows whole
+                objects = {i.id: i for i in await session.scalars(
+                    select(Instance).where(Instance.id.in_([i.id for i in finalize])))}
+                for inst in finalize:
+                    if inst.id in objects:
+                        self._networks_changed(inst.host, await finalize_delete(session, objects[inst.id]))
             if synced_statuses:
                 await self._after_reports(await apply_statuses(session, synced_statuses))
             await self._peer_updates(session)
@@ -412,16 +457,15 @@ class Reconciler:
         for host, command in commands:
             await self.send(host, command)
 
-    async def _load(self, session: AsyncSession, ids: set[str]) -> list[Instance]:
-        rows: list[Instance] = []
-        ordered = sorted(ids)
-        for start in range(0, len(ordered), 500):
-            rows.extend(await session.scalars(
-                select(Instance).where(Instance.id.in_(ordered[start:start + 500]))))
-        return rows
+    async def _load(self, session: AsyncSession, ids: set[str]) -> list[InstanceRow]:
+        """The instances' columns converge and the specs read (no ORM objects)."""
+        if not ids:
+            return []
+        rows = await session.execute(_load_stmt(session), {"ids": sorted(ids)})
+        return [InstanceRow(row) for row in rows]
 
     async def _build_commands(self, session: AsyncSession,
-                              ensure: dict[str, list[Instance]]) -> list[tuple[str, HostCommand]]:
+                              ensure: dict[str, list[InstanceRow]]) -> list[tuple[str, HostCommand]]:
         """Network commands first (the agent plugs ports into existing bridges), then instances."""
         instances = [i for items in ensure.values() for i in items]
         ports = await specs.instance_ports(session, [i.id for i in instances])

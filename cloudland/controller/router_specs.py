@@ -14,8 +14,9 @@ import hashlib
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.bus.messages import (
@@ -25,6 +26,7 @@ from cloudland.bus.messages import (
     RouterInterfaceSpec,
     RouterSpec,
 )
+from cloudland.controller.columns import OneOf, per_dialect
 from cloudland.db.models import FloatingIp, IpAllocation, Network, Port, Router, Subnet
 
 INTERFACE_OWNERS = ("network:router_interface_distributed", "network:router_interface")
@@ -112,19 +114,21 @@ async def router_specs(session: AsyncSession, pairs: Iterable[tuple[str, str]],
     for p in interfaces:
         router_nets[p.device_id].add(p.network_id)
     nets_with_router = {p.network_id for p in interfaces}
-    members = list(await session.scalars(
-        select(Port).where(Port.network_id.in_(nets_with_router), Port.device_owner.not_in(
-            (*INTERFACE_OWNERS, DHCP_OWNER, GATEWAY_OWNER)))))
+    # Every port behind the routers: columns only (no ORM objects, no JSON decoded).
+    members = (await session.execute(
+        select(Port.id, Port.network_id, Port.binding_host_id, Port.mac_address)
+        .where(Port.network_id.in_(nets_with_router), Port.device_owner.not_in(
+            (*INTERFACE_OWNERS, DHCP_OWNER, GATEWAY_OWNER))))).all()
     hosts_on: dict[str, set[str]] = defaultdict(set)
-    for p in members:
-        if p.binding_host_id:
-            hosts_on[p.network_id].add(p.binding_host_id)
+    for _, net, host, _ in members:
+        if host:
+            hosts_on[net].add(host)
     realising = {r: {h for n in nets for h in hosts_on[n]} for r, nets in router_nets.items()}
-    addresses = await _addresses(session, [p.id for p in interfaces] + [p.id for p in members])
+    addresses = await _addresses(session, [p.id for p in interfaces] + [m[0] for m in members])
     neighbors: dict[str, list[NeighborSpec]] = defaultdict(list)
-    for p in members:
-        for ip, _, _ in addresses.get(p.id, []):
-            neighbors[p.network_id].append(NeighborSpec(ip=ip, mac=p.mac_address))
+    for port_id, net, _, mac in members:
+        for ip, _, _ in addresses.get(port_id, []):
+            neighbors[net].append(NeighborSpec(ip=ip, mac=mac))
     networks = {n.id: n for n in await session.scalars(select(Network).where(
         Network.id.in_(nets_with_router | {r.external_network_id for r in routers.values()
                                            if r.external_network_id})))}
@@ -183,14 +187,31 @@ async def router_specs(session: AsyncSession, pairs: Iterable[tuple[str, str]],
     return result
 
 
+_ports = Port.__table__
+
+
+@per_dialect
+def _with_routers_stmt(one_of: OneOf) -> Select[Any]:
+    return select(_ports.c.network_id).distinct().where(one_of(_ports.c.network_id, "nets"),
+                                                        _ports.c.device_owner.in_(INTERFACE_OWNERS))
+
+
+@per_dialect
+def _linked_stmt(one_of: OneOf) -> Select[Any]:
+    """(router, network) of every interface of the routers with an interface on the networks."""
+    touching = select(_ports.c.device_id).where(one_of(_ports.c.network_id, "nets"),
+                                                _ports.c.device_owner.in_(INTERFACE_OWNERS))
+    return select(_ports.c.device_id, _ports.c.network_id).where(
+        _ports.c.device_id.in_(touching), _ports.c.device_owner.in_(INTERFACE_OWNERS))
+
+
 async def networks_with_routers(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:
     """Networks (of ``network_ids``) with a router interface: every member host's router holds
     static neighbours for all ports, so membership changes need full specs."""
     nets = list(network_ids)
     if not nets:
         return set()
-    return set(await session.scalars(select(Port.network_id).distinct().where(
-        Port.network_id.in_(nets), Port.device_owner.in_(INTERFACE_OWNERS))))
+    return set(await session.scalars(_with_routers_stmt(session), {"nets": nets}))
 
 
 async def release_gateways(session: AsyncSession) -> set[tuple[str, str]]:
@@ -237,11 +258,8 @@ async def linked_networks(session: AsyncSession, network_ids: Iterable[str]) -> 
     nets = list(network_ids)
     if not nets:
         return {}
-    touching = select(Port.device_id).where(Port.network_id.in_(nets),
-                                            Port.device_owner.in_(INTERFACE_OWNERS))
     by_router: dict[str, set[str]] = defaultdict(set)
-    for router_id, net in await session.execute(select(Port.device_id, Port.network_id).where(
-            Port.device_id.in_(touching), Port.device_owner.in_(INTERFACE_OWNERS))):
+    for router_id, net in await session.execute(_linked_stmt(session), {"nets": nets}):
         by_router[router_id].add(net)
     result: dict[str, set[str]] = defaultdict(set)
     for joined in by_router.values():

@@ -4,12 +4,14 @@ Capacity comes from the host index (heartbeats) times the allocation ratios; usa
 sum of the flavors of the instances on each host that are not yet finalized. The claim is a
 conditional UPDATE (``WHERE host IS NULL``) in the same transaction that binds the ports, so
 two controllers can never both place one instance. Weigher: most free RAM (spread), kept in a
-heap so a pick costs O(log hosts) for the common case, not a scan of 20,000 hosts.
+heap so a pick costs O(log hosts) for the common case, not a scan of 20,000 hosts. The reconciler
+keeps one ``Placement`` across passes and updates only the hosts that changed.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,20 +50,51 @@ async def load_usage(session: AsyncSession) -> dict[str, tuple[int, int, int]]:
     return {host: (int(c), int(r), int(d)) for host, c, r, d in rows}
 
 
-class Placement:
-    """Free capacity of the up, enabled hosts for one scheduling pass."""
+Usage = Mapping[str, Sequence[int]]  # host -> (vcpus, ram MiB, disk GiB) claimed
+_UNUSED = (0, 0, 0)
 
-    def __init__(self, hosts: list[HostInfo], usage: dict[str, tuple[int, int, int]],
-                 ratios: ControllerConfig) -> None:
-        self.hosts = {h.id: h for h in hosts if h.up and h.enabled}
+
+class Placement:
+    """Free capacity of the up, enabled hosts.
+
+    Built from all hosts once; ``update`` then recomputes only the hosts given (those whose
+    state, capacity or usage changed, and those ``pick`` took capacity from), so a scheduling pass
+    does not rebuild per-host structures for 20,000 hosts. Free capacity is always recomputed as
+    capacity * ratio - usage, exactly as a fresh build would: the picks do not depend on history.
+    """
+
+    def __init__(self, hosts: Iterable[HostInfo], usage: Usage, ratios: ControllerConfig) -> None:
+        self.ratios = ratios
+        self.hosts: dict[str, HostInfo] = {}
         self.free: dict[str, Free] = {}
-        for h in self.hosts.values():
-            used = usage.get(h.id, (0, 0, 0))
-            self.free[h.id] = Free(vcpus=h.vcpus * ratios.cpu_allocation_ratio - used[0],
-                                   ram=h.memory_mb * ratios.ram_allocation_ratio - used[1],
-                                   disk=h.disk_gb * ratios.disk_allocation_ratio - used[2])
-        self.heap = [(-f.ram, host_id) for host_id, f in self.free.items()]
-        heapq.heapify(self.heap)
+        # (-free RAM, host id); entries whose RAM is no longer the host's (or whose host left)
+        # are stale and skipped by ``pick``.
+        self.heap: list[tuple[float, str]] = []
+        self.update(hosts, usage)
+
+    def update(self, hosts: Iterable[HostInfo], usage: Usage) -> None:
+        """Recompute the free capacity of ``hosts`` (up or not) from their capacity and ``usage``."""
+        ratios = self.ratios
+        fresh: list[tuple[float, str]] = []
+        for h in hosts:
+            if h.up and h.enabled:
+                used = usage.get(h.id, _UNUSED)
+                free = Free(vcpus=h.vcpus * ratios.cpu_allocation_ratio - used[0],
+                            ram=h.memory_mb * ratios.ram_allocation_ratio - used[1],
+                            disk=h.disk_gb * ratios.disk_allocation_ratio - used[2])
+                self.hosts[h.id] = h
+                self.free[h.id] = free
+                fresh.append((-free.ram, h.id))
+            else:
+                self.hosts.pop(h.id, None)
+                self.free.pop(h.id, None)
+        if 8 * len(fresh) >= len(self.heap) or len(self.heap) > 2 * len(self.free) + 1024:
+            # Many changes, or mostly stale entries: one entry per host again, O(hosts).
+            self.heap = [(-f.ram, host_id) for host_id, f in self.free.items()]
+            heapq.heapify(self.heap)
+        else:
+            for entry in fresh:
+                heapq.heappush(self.heap, entry)
 
     def pick(self, flavor: dict[str, Any], zone: str | None = None, host: str | None = None) -> str | None:
         """The host with the most free RAM that fits (or ``host``, if it fits); its free
@@ -73,8 +106,8 @@ class Placement:
         chosen = None
         while self.heap:
             neg_ram, host_id = heapq.heappop(self.heap)
-            free = self.free[host_id]
-            if -neg_ram != free.ram:  # stale entry
+            free = self.free.get(host_id)
+            if free is None or -neg_ram != free.ram:  # stale entry
                 continue
             if free.ram < ram:
                 skipped.append((neg_ram, host_id))

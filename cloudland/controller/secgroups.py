@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.bus.messages import PortSpec, SecurityRuleSpec
+from cloudland.controller.columns import OneOf, json_text, json_value, per_dialect
 from cloudland.db.models import IpAllocation, Network, Port, SecurityGroup, SecurityGroupRule
+
+_rules = SecurityGroupRule.__table__
+_groups = SecurityGroup.__table__
+_ports = Port.__table__
+_networks = Network.__table__
+_allocations = IpAllocation.__table__
 
 
 def _protocol(value: str | None) -> int | None:
@@ -22,33 +30,54 @@ def _protocol(value: str | None) -> int | None:
     return PROTOCOLS.get(value)
 
 
+@per_dialect
+def _rules_stmt(one_of: OneOf) -> Select[Any]:
+    return (
+        select(_rules.c.security_group_id, _rules.c.direction, _rules.c.ethertype, _rules.c.protocol,
+               _rules.c.port_range_min, _rules.c.port_range_max, _rules.c.remote_ip_prefix,
+               _rules.c.remote_group_id)
+        .where(one_of(_rules.c.security_group_id, "ids"))
+        .order_by(_rules.c.created_at, _rules.c.id)
+    )
+
+
 async def rules_of_groups(
     session: AsyncSession, group_ids: Iterable[str]
 ) -> dict[str, list[SecurityRuleSpec]]:
     ids = sorted(set(group_ids))
     result: dict[str, list[SecurityRuleSpec]] = defaultdict(list)
     if ids:
-        for r in await session.scalars(
-            select(SecurityGroupRule)
-            .where(SecurityGroupRule.security_group_id.in_(ids))
-            .order_by(SecurityGroupRule.created_at, SecurityGroupRule.id)
+        for group, direction, ethertype, protocol, low, high, prefix, remote in await session.execute(
+            _rules_stmt(session), {"ids": ids}
         ):
-            result[r.security_group_id].append(
+            result[group].append(
                 SecurityRuleSpec(
-                    direction=r.direction,
-                    ethertype=r.ethertype,
-                    protocol=_protocol(r.protocol),
-                    port_range_min=r.port_range_min,
-                    port_range_max=r.port_range_max,
-                    remote_ip_prefix=r.remote_ip_prefix,
-                    remote_group_id=r.remote_group_id,
+                    direction=direction,
+                    ethertype=ethertype,
+                    protocol=_protocol(protocol),
+                    port_range_min=low,
+                    port_range_max=high,
+                    remote_ip_prefix=prefix,
+                    remote_group_id=remote,
                 )
             )
     return result
 
 
-def port_rules(port: Port, rules: dict[str, list[SecurityRuleSpec]]) -> list[SecurityRuleSpec]:
-    return [r for g in port.security_groups or [] for r in rules.get(g, [])]
+def port_rules(groups: list[str] | None, rules: dict[str, list[SecurityRuleSpec]]) -> list[SecurityRuleSpec]:
+    """The rules of a port in ``groups`` (its security group ids)."""
+    return [r for g in groups or [] for r in rules.get(g, [])]
+
+
+@per_dialect
+def _members_stmt(one_of: OneOf) -> Select[Any]:
+    # A group's members are ports of its own project: read only those projects' ports.
+    projects = select(_groups.c.project_id).where(one_of(_groups.c.id, "groups"))
+    return (
+        select(json_text(_ports.c.security_groups), _allocations.c.ip_address)
+        .join(_allocations, _allocations.c.port_id == _ports.c.id)
+        .where(_ports.c.project_id.in_(projects))
+    )
 
 
 async def remote_groups(session: AsyncSession, ports: Iterable[PortSpec]) -> dict[str, list[str]]:
@@ -57,25 +86,50 @@ async def remote_groups(session: AsyncSession, ports: Iterable[PortSpec]) -> dic
     if not wanted:
         return {}
     members: dict[str, set[str]] = {g: set() for g in wanted}
-    # A group's members are ports of its own project: read only those projects' ports.
-    projects = select(SecurityGroup.project_id).where(SecurityGroup.id.in_(wanted))
-    rows = await session.execute(
-        select(Port.security_groups, IpAllocation.ip_address)
-        .join(IpAllocation, IpAllocation.port_id == Port.id)
-        .where(Port.project_id.in_(projects))
-    )
-    for groups, ip in rows:
-        for g in set(groups or []) & wanted:
-            members[g].add(ip)
+    rows = await session.execute(_members_stmt(session), {"groups": list(wanted)})
+    # Most ports share a handful of group lists: gather addresses per list, decode each once.
+    by_groups: dict[str | None, list[str]] = defaultdict(list)
+    for text, ip in rows:
+        by_groups[text].append(ip)
+    for text, ips in by_groups.items():
+        for g in set(json_value(text) or []) & wanted:
+            members[g].update(ips)
     return {g: sorted(ips) for g, ips in members.items()}
+
+
+@per_dialect
+def _group_lists_stmt(one_of: OneOf) -> Select[Any]:
+    """The distinct security group lists of the ports on networks (a few per network)."""
+    return (select(_ports.c.network_id, json_text(_ports.c.security_groups)).distinct()
+            .where(one_of(_ports.c.network_id, "nets")))
+
+
+@per_dialect
+def _projects_of_networks_stmt(one_of: OneOf) -> Select[Any]:
+    return select(_networks.c.project_id).where(one_of(_networks.c.id, "nets")).union(
+        select(_ports.c.project_id).where(one_of(_ports.c.network_id, "nets"), _ports.c.project_id != ""))
+
+
+@per_dialect
+def _referring_stmt(one_of: OneOf) -> Select[Any]:
+    """Groups whose rules name, as remote group, a group of the projects."""
+    groups = select(_groups.c.id).where(one_of(_groups.c.project_id, "projects"))
+    return select(_rules.c.security_group_id).distinct().where(_rules.c.remote_group_id.in_(groups))
+
+
+@per_dialect
+def _bound_group_lists_stmt(one_of: OneOf) -> Select[Any]:
+    """The distinct group lists of the bound ports of the groups' projects, per network."""
+    projects = select(_groups.c.project_id).where(one_of(_groups.c.id, "groups"))
+    return (select(_ports.c.network_id, json_text(_ports.c.security_groups)).distinct()
+            .where(_ports.c.project_id.in_(projects), _ports.c.binding_host_id != ""))
 
 
 async def networks_with_groups(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:
     """The networks (of ``network_ids``) with a port in a security group: their hosts' rule
     sets may name remote groups, whose members change when ports come and go."""
-    rows = await session.execute(
-        select(Port.network_id, Port.security_groups).where(Port.network_id.in_(list(network_ids))))
-    return {net for net, groups in rows if groups}
+    rows = await session.execute(_group_lists_stmt(session), {"nets": list(network_ids)})
+    return {net for net, groups in rows if json_value(groups)}
 
 
 async def networks_admitting_members_of(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:
@@ -87,15 +141,9 @@ async def networks_admitting_members_of(session: AsyncSession, network_ids: Iter
         return set()
     # The groups a joining or leaving port may be in: those of the projects using these networks
     # (a port that just left is gone from the table, its project's groups are not).
-    projects = set(await session.scalars(select(Network.project_id).where(Network.id.in_(nets))))
-    projects |= set(await session.scalars(select(Port.project_id).distinct().where(
-        Port.network_id.in_(nets), Port.project_id != "")))
-    groups = select(SecurityGroup.id).where(SecurityGroup.project_id.in_(projects))
-    referring = set(await session.scalars(select(SecurityGroupRule.security_group_id).distinct().where(
-        SecurityGroupRule.remote_group_id.in_(groups))))
+    projects = list(await session.scalars(_projects_of_networks_stmt(session), {"nets": nets}))
+    referring = set(await session.scalars(_referring_stmt(session), {"projects": projects}))
     if not referring:
         return set()
-    projects = select(SecurityGroup.project_id).where(SecurityGroup.id.in_(referring))
-    rows = await session.execute(select(Port.network_id, Port.security_groups).where(
-        Port.project_id.in_(projects), Port.binding_host_id != ""))
-    return {net for net, value in rows if set(value or []) & referring}
+    rows = await session.execute(_bound_group_lists_stmt(session), {"groups": list(referring)})
+    return {net for net, value in rows if set(json_value(value) or []) & referring}

@@ -7,9 +7,10 @@ queries, never one query per instance.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import Select, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.bus.messages import (
@@ -23,44 +24,98 @@ from cloudland.bus.messages import (
 )
 from cloudland.config import Config
 from cloudland.controller import router_specs, secgroups
+from cloudland.controller.columns import OneOf, json_text, json_value, per_dialect
 from cloudland.db.models import Image, Instance, IpAllocation, Network, Port, Subnet
 
 DHCP_OWNER = "network:dhcp"
+
+# Core statements of table columns, built once per dialect (``columns.per_dialect``): no ORM
+# objects, and JSON read as text and decoded only where a spec uses it.
+_ports = Port.__table__
+_networks = Network.__table__
+_subnets = Subnet.__table__
+_allocations = IpAllocation.__table__
+_instances = Instance.__table__
+_images = Image.__table__
+
+
+@per_dialect
+def _fixed_ips_stmt(one_of: OneOf) -> Select[Any]:
+    return (select(_allocations.c.port_id, _allocations.c.ip_address, _subnets.c.id, _subnets.c.cidr,
+                   _subnets.c.ip_version, _subnets.c.gateway_ip)
+            .join(_subnets, _subnets.c.id == _allocations.c.subnet_id)
+            .where(one_of(_allocations.c.port_id, "port_ids"))
+            .order_by(_allocations.c.port_id, _subnets.c.ip_version, _allocations.c.ip_address))
 
 
 async def _fixed_ips(session: AsyncSession, port_ids: list[str]) -> dict[str, list[FixedIp]]:
     result: dict[str, list[FixedIp]] = defaultdict(list)
     if not port_ids:
         return result
-    rows = await session.execute(
-        select(IpAllocation.port_id, IpAllocation.ip_address, Subnet.id, Subnet.cidr,
-               Subnet.ip_version, Subnet.gateway_ip)
-        .join(Subnet, Subnet.id == IpAllocation.subnet_id)
-        .where(IpAllocation.port_id.in_(port_ids))
-        .order_by(IpAllocation.port_id, Subnet.ip_version, IpAllocation.ip_address))
+    rows = await session.execute(_fixed_ips_stmt(session), {"port_ids": port_ids})
     for port_id, ip, subnet_id, cidr, version, gateway in rows:
         result[port_id].append(FixedIp(ip_address=ip, subnet_id=subnet_id, cidr=cidr,
                                        ip_version=version, gateway_ip=gateway))
     return result
 
 
-def _port_spec(port: Port, network: Network, fixed: list[FixedIp],
-               rules: dict[str, list[SecurityRuleSpec]]) -> PortSpec:
-    secure = bool(port.port_security_enabled and port.device_owner != DHCP_OWNER)
-    return PortSpec(port_id=port.id, network_id=network.id, mac_address=port.mac_address,
-                    mtu=network.mtu, fixed_ips=fixed, network_type=network.network_type,
-                    segmentation_id=network.segmentation_id, port_security=secure,
-                    allowed_address_pairs=list(port.allowed_address_pairs or []) if secure else [],
-                    security_rules=secgroups.port_rules(port, rules) if secure else [])
+class PortKey(NamedTuple):
+    """What callers of ``_port_specs`` need of a port besides its spec."""
+
+    device_id: str
+    device_owner: str
+    network_id: str
+    binding_host_id: str
 
 
-async def _port_specs(session: AsyncSession, where: object) -> list[tuple[Port, PortSpec]]:
-    rows = list(await session.execute(
-        select(Port, Network).join(Network, Network.id == Port.network_id).where(where)  # type: ignore[arg-type]
-        .order_by(Port.created_at, Port.id)))
-    fixed = await _fixed_ips(session, [p.id for p, _ in rows])
-    rules = await secgroups.rules_of_groups(session, {g for p, _ in rows for g in p.security_groups or []})
-    return [(p, _port_spec(p, n, fixed.get(p.id, []), rules)) for p, n in rows]
+# A port with what its spec needs of its network (the JSON columns as text).
+_PORT_COLUMNS = (_ports.c.id, _ports.c.network_id, _ports.c.mac_address, _ports.c.port_security_enabled,
+                 _ports.c.device_owner, _ports.c.device_id, _ports.c.binding_host_id,
+                 json_text(_ports.c.allowed_address_pairs), json_text(_ports.c.security_groups),
+                 _networks.c.mtu, _networks.c.network_type, _networks.c.segmentation_id)
+
+
+def _ports_select() -> Select[Any]:
+    return select(*_PORT_COLUMNS).join(_networks, _networks.c.id == _ports.c.network_id)
+
+
+@per_dialect
+def _device_ports_stmt(one_of: OneOf) -> Select[Any]:
+    return (_ports_select().where(one_of(_ports.c.device_id, "device_ids"))
+            .order_by(_ports.c.created_at, _ports.c.id))
+
+
+@per_dialect
+def _network_ports_stmt(one_of: OneOf) -> Select[Any]:
+    """The DHCP ports of the networks and the ports bound to the hosts."""
+    return (_ports_select().where(one_of(_ports.c.network_id, "net_ids"), or_(
+        _ports.c.device_owner == DHCP_OWNER, one_of(_ports.c.binding_host_id, "host_ids")))
+            .order_by(_ports.c.created_at, _ports.c.id))
+
+
+async def _port_specs(session: AsyncSession, statement: Select[Any],
+                      params: dict[str, Any]) -> list[tuple[PortKey, PortSpec]]:
+    rows = (await session.execute(statement, params)).all()
+    fixed = await _fixed_ips(session, [r[0] for r in rows])
+    groups_of = [json_value(r[8]) for r in rows]
+    rules = await secgroups.rules_of_groups(session, {g for groups in groups_of for g in groups or []})
+    result: list[tuple[PortKey, PortSpec]] = []
+    rules_of: dict[str | None, list[SecurityRuleSpec]] = {}  # per group list: most ports share one
+    for (port_id, net_id, mac, security, owner, device, host, pairs, groups_text, mtu, net_type, segment), \
+            groups in zip(rows, groups_of, strict=True):
+        secure = bool(security and owner != DHCP_OWNER)
+        port_rules: list[SecurityRuleSpec] = []
+        if secure:
+            found = rules_of.get(groups_text)
+            if found is None:
+                found = rules_of[groups_text] = secgroups.port_rules(groups, rules)
+            port_rules = list(found)
+        result.append((PortKey(device, owner, net_id, host), PortSpec(
+            port_id=port_id, network_id=net_id, mac_address=mac, mtu=mtu, fixed_ips=fixed.get(port_id, []),
+            network_type=net_type, segmentation_id=segment, port_security=secure,
+            allowed_address_pairs=list(json_value(pairs) or []) if secure else [],
+            security_rules=port_rules)))
+    return result
 
 
 async def instance_ports(session: AsyncSession, instance_ids: Iterable[str]) -> dict[str, list[PortSpec]]:
@@ -68,9 +123,16 @@ async def instance_ports(session: AsyncSession, instance_ids: Iterable[str]) -> 
     ids = list(instance_ids)
     result: dict[str, list[PortSpec]] = {i: [] for i in ids}
     if ids:
-        for port, spec in await _port_specs(session, Port.device_id.in_(ids)):
+        await session.flush()  # Core selects do not autoflush: the caller's pending changes first
+        for port, spec in await _port_specs(session, _device_ports_stmt(session), {"device_ids": ids}):
             result.setdefault(port.device_id, []).append(spec)
     return result
+
+
+@per_dialect
+def _images_stmt(one_of: OneOf) -> Select[Any]:
+    return select(_images.c.id, _images.c.os_hash_algo, _images.c.os_hash_value, _images.c.size,
+                  _images.c.disk_format).where(one_of(_images.c.id, "ids"))
 
 
 async def image_refs(session: AsyncSession, config: Config, image_ids: Iterable[str]) -> dict[str, ImageRef]:
@@ -79,14 +141,47 @@ async def image_refs(session: AsyncSession, config: Config, image_ids: Iterable[
     ids = [i for i in set(image_ids) if i]
     if not ids:
         return {}
-    images = await session.scalars(select(Image).where(Image.id.in_(ids)))
-    return {img.id: ImageRef(id=img.id, url=image_download_url(config, img.id),
-                             hash_algo=img.os_hash_algo or "sha512", hash_value=img.os_hash_value or "",
-                             size=img.size or 0, disk_format=img.disk_format or "qcow2")
-            for img in images}
+    rows = await session.execute(_images_stmt(session), {"ids": ids})
+    return {image_id: ImageRef(id=image_id, url=image_download_url(config, image_id),
+                               hash_algo=algo or "sha512", hash_value=value or "",
+                               size=size or 0, disk_format=disk_format or "qcow2")
+            for image_id, algo, value, size, disk_format in rows}
 
 
-def instance_spec(inst: Instance, ports: list[PortSpec], image: ImageRef | None) -> InstanceSpec:
+# What converge and ``instance_spec`` read of an instance (``InstanceRow``'s order).
+INSTANCE_COLUMNS = (_instances.c.id, _instances.c.name, _instances.c.project_id, _instances.c.image_id,
+                    _instances.c.host, _instances.c.vm_state, _instances.c.task_state,
+                    _instances.c.desired_power, _instances.c.reboot_generation, _instances.c.deleted,
+                    _instances.c.deleted_at, _instances.c.user_data, _instances.c.key_data,
+                    _instances.c.config_drive, _instances.c.key_name, _instances.c.availability_zone,
+                    json_text(_instances.c.flavor), json_text(_instances.c.metadata))
+
+
+class InstanceRow:
+    """An instance as converge and ``instance_spec`` read it: ``INSTANCE_COLUMNS`` of a Core row
+    (no ORM object); ``flavor`` and ``metadata_`` are decoded when read."""
+
+    __slots__ = ("_flavor", "_metadata", "availability_zone", "config_drive", "deleted", "deleted_at",
+                 "desired_power", "host", "id", "image_id", "key_data", "key_name", "name", "project_id",
+                 "reboot_generation", "task_state", "user_data", "vm_state")
+
+    def __init__(self, row: Sequence[Any]) -> None:
+        (self.id, self.name, self.project_id, self.image_id, self.host, self.vm_state, self.task_state,
+         self.desired_power, self.reboot_generation, self.deleted, self.deleted_at, self.user_data,
+         self.key_data, self.config_drive, self.key_name, self.availability_zone, self._flavor,
+         self._metadata) = row
+
+    @property
+    def flavor(self) -> Any:
+        return json_value(self._flavor)
+
+    @property
+    def metadata_(self) -> Any:
+        return json_value(self._metadata)
+
+
+def instance_spec(inst: Instance | InstanceRow, ports: list[PortSpec],
+                  image: ImageRef | None) -> InstanceSpec:
     flavor = inst.flavor or {}
     power = "stopped" if inst.desired_power == "stopped" else "running"
     return InstanceSpec(
@@ -100,15 +195,27 @@ def instance_spec(inst: Instance, ports: list[PortSpec], image: ImageRef | None)
         availability_zone=inst.availability_zone or "nova")
 
 
+@per_dialect
+def _host_networks_stmt(one_of: OneOf) -> Select[Any]:
+    return (select(_ports.c.binding_host_id, _ports.c.network_id).distinct()
+            .where(one_of(_ports.c.binding_host_id, "hosts"), _ports.c.device_owner != DHCP_OWNER))
+
+
+@per_dialect
+def _network_hosts_stmt(one_of: OneOf) -> Select[Any]:
+    return (select(_ports.c.network_id, _ports.c.binding_host_id).distinct()
+            .where(one_of(_ports.c.network_id, "nets"), _ports.c.binding_host_id != "",
+                   _ports.c.device_owner != DHCP_OWNER))
+
+
 async def networks_of_hosts(session: AsyncSession, host_ids: Iterable[str]) -> dict[str, set[str]]:
     """{host: networks it carries}: those it has ports bound on (DHCP ports are everywhere, so
     they do not count) and those a router joins to them (the host realises the router)."""
     hosts = list(host_ids)
     result: dict[str, set[str]] = {h: set() for h in hosts}
     if hosts:
-        rows = await session.execute(
-            select(Port.binding_host_id, Port.network_id).distinct()
-            .where(Port.binding_host_id.in_(hosts), Port.device_owner != DHCP_OWNER))
+        await session.flush()
+        rows = await session.execute(_host_networks_stmt(session), {"hosts": hosts})
         for host, net in rows:
             result[host].add(net)
         linked = await router_specs.linked_networks(session, {n for nets in result.values() for n in nets})
@@ -122,12 +229,11 @@ async def hosts_of_networks(session: AsyncSession, network_ids: Iterable[str]) -
     nets = list(network_ids)
     result: dict[str, set[str]] = {n: set() for n in nets}
     if nets:
+        await session.flush()
         linked = await router_specs.linked_networks(session, nets)
         wanted = set(nets) | {m for n in nets for m in linked.get(n, ())}
         direct: dict[str, set[str]] = defaultdict(set)
-        rows = await session.execute(
-            select(Port.network_id, Port.binding_host_id).distinct()
-            .where(Port.network_id.in_(wanted), Port.binding_host_id != "", Port.device_owner != DHCP_OWNER))
+        rows = await session.execute(_network_hosts_stmt(session), {"nets": list(wanted)})
         for net, host in rows:
             direct[net].add(host)
         for net in nets:
@@ -136,6 +242,20 @@ async def hosts_of_networks(session: AsyncSession, network_ids: Iterable[str]) -
 
 
 HostNetwork = tuple[str, str]
+
+
+@per_dialect
+def _networks_stmt(one_of: OneOf) -> Select[Any]:
+    return select(_networks.c.id, _networks.c.network_type, _networks.c.segmentation_id,
+                  _networks.c.physical_network, _networks.c.mtu).where(one_of(_networks.c.id, "net_ids"))
+
+
+@per_dialect
+def _subnets_stmt(one_of: OneOf) -> Select[Any]:
+    return (select(_subnets.c.network_id, _subnets.c.id, _subnets.c.cidr, _subnets.c.ip_version,
+                   _subnets.c.gateway_ip, _subnets.c.enable_dhcp, json_text(_subnets.c.dns_nameservers),
+                   json_text(_subnets.c.host_routes), _subnets.c.ipv6_ra_mode, _subnets.c.ipv6_address_mode)
+            .where(one_of(_subnets.c.network_id, "net_ids")).order_by(_subnets.c.created_at, _subnets.c.id))
 
 
 async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
@@ -153,23 +273,23 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
         return {}
     net_ids = sorted({n for _, n in wanted})
     host_ids = sorted({h for h, _ in wanted})
-    networks = {n.id: n for n in await session.scalars(select(Network).where(Network.id.in_(net_ids)))}
+    await session.flush()
+    networks = {row[0]: row for row in await session.execute(_networks_stmt(session), {"net_ids": net_ids})}
     subnets: dict[str, list[SubnetSpec]] = defaultdict(list)
-    for s in await session.scalars(select(Subnet).where(Subnet.network_id.in_(net_ids))
-                                   .order_by(Subnet.created_at, Subnet.id)):
-        subnets[s.network_id].append(SubnetSpec(
-            id=s.id, cidr=s.cidr, ip_version=s.ip_version, gateway_ip=s.gateway_ip,
-            enable_dhcp=s.enable_dhcp, dns_nameservers=list(s.dns_nameservers or []),
-            host_routes=list(s.host_routes or []), ipv6_ra_mode=s.ipv6_ra_mode,
-            ipv6_address_mode=s.ipv6_address_mode))
+    for net_id, subnet_id, cidr, version, gateway, dhcp_on, dns, routes, ra_mode, address_mode \
+            in await session.execute(_subnets_stmt(session), {"net_ids": net_ids}):
+        subnets[net_id].append(SubnetSpec(
+            id=subnet_id, cidr=cidr, ip_version=version, gateway_ip=gateway, enable_dhcp=dhcp_on,
+            dns_nameservers=list(json_value(dns) or []), host_routes=list(json_value(routes) or []),
+            ipv6_ra_mode=ra_mode, ipv6_address_mode=address_mode))
     dhcp: dict[str, PortSpec] = {}
     local: dict[HostNetwork, list[PortSpec]] = defaultdict(list)
-    for port, spec in await _port_specs(session, and_(
-            Port.network_id.in_(net_ids),
-            or_(Port.device_owner == DHCP_OWNER, Port.binding_host_id.in_(host_ids)))):
+    hosts = set(host_ids)
+    for port, spec in await _port_specs(session, _network_ports_stmt(session),
+                                        {"net_ids": net_ids, "host_ids": host_ids}):
         if port.device_owner == DHCP_OWNER:
             dhcp.setdefault(port.network_id, spec)
-        elif port.binding_host_id in host_ids:
+        elif port.binding_host_id in hosts:
             local[(port.binding_host_id, port.network_id)].append(spec)
     members = await hosts_of_networks(session, net_ids)
     # Addresses per network once (not per host: a network may span thousands of hosts).
@@ -186,10 +306,11 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
             continue
         own = peer_address(host) if host in members.get(net_id, ()) else None
         peers = [a for a in addresses.get(net_id, []) if a != own]
+        _, network_type, segmentation_id, physical_network, mtu = network
         result[(host, net_id)] = NetworkSpec(
-            id=net_id, network_type=network.network_type, segmentation_id=network.segmentation_id,
-            physical_network=network.physical_network, routers=routers.get((host, net_id), []),
-            mtu=network.mtu, subnets=subnets.get(net_id, []), ports=local.get((host, net_id), []),
+            id=net_id, network_type=network_type, segmentation_id=segmentation_id,
+            physical_network=physical_network, routers=routers.get((host, net_id), []),
+            mtu=mtu, subnets=subnets.get(net_id, []), ports=local.get((host, net_id), []),
             dhcp_port=dhcp.get(net_id), peers=peers,
             remote_groups={g: remote[g] for p in local[(host, net_id)] for r in p.security_rules
                            if (g := r.remote_group_id)})
