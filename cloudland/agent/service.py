@@ -366,10 +366,15 @@ class AgentService:
     # --- reports ----------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        # The first heartbeat of this incarnation follows its HostState on report.<zone>, so the
+        # controller learns the new boot_id in order with it; the others go to a relay
+        # (heartbeat.<zone>), which forwards them in batches.
+        subject = subjects.report(self.zone)
         while True:
             try:
                 await self.watch()
-                await self._publish(self.heartbeat())
+                await self._publish(self.heartbeat(), subject)
+                subject = subjects.heartbeat(self.zone)
             except Exception:
                 log.exception("heartbeat failed")
             await asyncio.sleep(self.config.agent.heartbeat_seconds)
@@ -439,12 +444,13 @@ class AgentService:
             self._status[iid] = status
         await self._publish(status)
 
-    async def _publish(self, msg: Message) -> None:
+    async def _publish(self, msg: Message, subject: str | None = None) -> None:
+        """On ``report.<zone>``, or ``subject`` (heartbeats: ``heartbeat.<zone>``, to a relay)."""
         nc = self.nc
         if nc is None or nc.is_closed:
             return
         try:
-            await nc.publish(subjects.report(self.zone), encode(msg))
+            await nc.publish(subject or subjects.report(self.zone), encode(msg))
         except Exception as e:
             # The level-triggered controller recovers from a lost report via the digest.
             log.warning("cannot publish %s: %s", type(msg).__name__, e)

@@ -1,9 +1,10 @@
 """``cloudland bench scale``: the whole control plane against many simulated hypervisors.
 
-Builds a NATS tree (core ← zone leaf ← rack leaves), starts simulated hypervisor processes on
-the racks, the controller and API worker processes, launches ``vms`` servers through the HTTP
-API from many concurrent clients (admin, spread over projects with their own networks), and
-measures. The figures and their JSON names are documented in docs/scale.md.
+Builds a NATS tree (core ← zone leaf ← rack leaves), starts heartbeat relays for the rack leaves
+(unless ``relays`` is off) and simulated hypervisor processes on the racks, the controller and
+API worker processes, launches ``vms`` servers through the HTTP API from many concurrent clients
+(admin, spread over projects with their own networks), and measures. The figures and their JSON
+names are documented in docs/scale.md.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class ScaleOptions:
     hosts_per_rack: int = 1000
     hosts_per_process: int = 0  # 0: about hypervisors / 4
     kill_group: int = 100
+    relays: bool = True  # heartbeat relays on the rack leaves (else the controller's takes them all)
+    leaves_per_relay_process: int = 5
     heartbeat_seconds: float = 2.0
     host_down_seconds: float = 10.0
     timeout: float = 1800.0
@@ -129,6 +132,7 @@ class ScaleBench:
         self.logs.mkdir(exist_ok=True)
         self.procs: list[Proc] = []
         self.sims: list[Proc] = []
+        self.relays: list[Proc] = []
         self.tree: NatsTree | None = None
         self.pg: Any = None
         self.port = 0
@@ -262,6 +266,15 @@ class ScaleBench:
         self.procs.append(proc)
         return proc
 
+    def start_relays(self, tree: NatsTree, racks: int) -> None:
+        """``cloudland relay`` processes, each serving a few rack leaves."""
+        urls = [tree.leaf(f"nova/rack{r}").url for r in range(racks)]
+        per = max(1, self.o.leaves_per_relay_process)
+        for k in range(0, len(urls), per):
+            argv = [sys.executable, "-m", "cloudland", "relay",
+                    *[arg for url in urls[k:k + per] for arg in ("--nats", url)]]
+            self.relays.append(self.spawn(f"relays-{k // per}", argv))
+
     def start_simhosts(self, tree: NatsTree, racks: int) -> None:
         """One process for the kill group, then chunks of each rack."""
         h = self.o.hypervisors
@@ -288,7 +301,7 @@ class ScaleBench:
 
     async def wait_ready(self, admin_password: str) -> None:
         deadline = time.monotonic() + max(120.0, self.o.hypervisors / 50)
-        for proc in self.sims:
+        for proc in [*self.relays, *self.sims]:
             while True:
                 text = (self.logs / f"{proc.name}.log").read_text(errors="replace")
                 if "ready" in text:
@@ -488,8 +501,8 @@ class ScaleBench:
 
     def cpu_by_role(self) -> dict[str, dict[int, float]]:
         """CPU seconds so far of every process, by role (for where the machine's CPU went)."""
-        roles: dict[str, dict[int, float]] = {"api": {}, "controller": {}, "simhosts": {}, "nats": {},
-                                              "postgres": {}}
+        roles: dict[str, dict[int, float]] = {"api": {}, "controller": {}, "simhosts": {}, "relays": {},
+                                              "nats": {}, "postgres": {}}
         for proc in self.procs:
             role = proc.name.split("-")[0]
             roles.setdefault(role, {})[proc.popen.pid] = proc.cpu()
@@ -532,6 +545,8 @@ class ScaleBench:
                                                "--config", str(config_path)])
         apis = [self.spawn(f"api-{k}", [sys.executable, "-m", "cloudland.bench.apiworker", str(config_path),
                                         str(self.port)]) for k in range(o.api_workers)]
+        if o.relays:
+            self.start_relays(self.tree, racks)
         self.start_simhosts(self.tree, racks)
         await self.wait_ready(password)
         setup_seconds = time.monotonic() - t_setup
@@ -581,6 +596,10 @@ class ScaleBench:
             "controller_pass_p50_s": stats.get("pass_seconds", {}).get("p50", 0.0),
             "controller_pass_max_s": stats.get("pass_seconds", {}).get("max", 0.0),
             "cpu_seconds_by_role": roles,
+            "relays": len(self.relays),
+            # Heartbeats the controller's own relay forwarded (all of them without leaf relays).
+            "heartbeats_relayed_by_controller": stats.get("relayed_in_process", 0),
+            "heartbeat_batches": stats.get("heartbeat_batches", 0),
         }
         o.log(f"launched: {succeeded}/{o.vms} ACTIVE, {f['vms_per_second']:.0f} VMs/s; listing...")
         f.update(await self.list_latency(admin_token))

@@ -268,6 +268,14 @@ class HostState(Message, tag="host_state"):
 Report = InstanceStatus | Heartbeat | HostState
 
 
+class HeartbeatBatch(Message, tag="heartbeat_batch"):
+    """Relay → controllers, on ``heartbeats.batch``: the heartbeats a relay took over one flush
+    period. The relay never decodes them: it joins their JSON into this envelope
+    (``cloudland/bus/heartbeat_relay.py``)."""
+
+    heartbeats: list[Heartbeat] = []
+
+
 class Wake(Message, tag="wake"):
     """API → controllers: desired state changed for these instances (an optimisation only)."""
 
@@ -276,7 +284,7 @@ class Wake(Message, tag="wake"):
     network_ids: list[str] = []
 
 
-AnyMessage = HostCommand | HostRequest | ConsoleOutput | Report | Wake | NetworkPeers
+AnyMessage = HostCommand | HostRequest | ConsoleOutput | Report | Wake | NetworkPeers | HeartbeatBatch
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(AnyMessage)

@@ -19,11 +19,22 @@ def network_peers(network_id: str) -> str:
 
 
 def report(zone: str) -> str:
-    """Heartbeats and state changes from the agents of a zone."""
+    """State changes (instance statuses, full host states) from the agents of a zone."""
     return f"report.{zone}"
 
 
+def heartbeat(zone: str) -> str:
+    """Heartbeats of the agents of a zone. Taken by a heartbeat relay (queue group
+    ``HEARTBEAT_RELAY_QUEUE``, the member on the publisher's own server when there is one), which
+    forwards them in batches on ``HEARTBEAT_BATCH``; never read one by one by the controllers."""
+    return f"heartbeat.{zone}"
+
+
 REPORT_ALL = "report.*"
+HEARTBEAT_ALL = "heartbeat.*"
+HEARTBEAT_RELAY_QUEUE = "heartbeat-relay"
+# Relays → every controller: the heartbeats a relay gathered over one flush period.
+HEARTBEAT_BATCH = "heartbeats.batch"
 # The API pokes the controllers after it changes desired state; they also poll.
 CONTROLLER_WAKE = "controller.wake"
 # Controller figures (JSON) on request; "reset" in the request clears the samples.

@@ -268,6 +268,21 @@ def controller(state_dir: StateDir = None, config_path: ConfigPath = None) -> No
 
 
 @app.command()
+def relay(
+    nats: Annotated[list[str], typer.Option(
+        "--nats", help="NATS server to relay the heartbeats of (repeatable: one relay per server); "
+                       "normally the leaf server of a rack")],
+    flush: Annotated[float, typer.Option(
+        "--flush", min=0.01, help="Seconds between batches")] = 0.5,
+) -> None:
+    """Run heartbeat relays: the agents' heartbeats on a server, forwarded in batches."""
+    from cloudland.bus.heartbeat_relay import HeartbeatRelays
+
+    _setup_logging()
+    _run(_serve_until_signal(HeartbeatRelays(nats, flush_seconds=flush)))
+
+
+@app.command()
 def agent(
     state_dir: StateDir = None,
     config_path: ConfigPath = None,

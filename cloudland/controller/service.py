@@ -1,8 +1,10 @@
 """``cloudland controller``: NATS wiring and the loop that drives the reconciler.
 
-Reports (``report.*``) update the in-memory view at once; the database work happens in the
-loop, batched: a pass runs when something changed (a Wake, a report) and at least every
-``controller.reconcile_seconds`` (then with a slice of the rolling sweep).
+Reports (``report.*``) and heartbeats (in batches from the relays, ``heartbeats.batch``) update
+the in-memory view at once; the database work happens in the loop, batched: a pass runs when
+something changed (a Wake, a report) and at least every ``controller.reconcile_seconds`` (then
+with a slice of the rolling sweep). Every controller also runs a heartbeat relay in-process
+(``cloudland/bus/heartbeat_relay.py``), for the agents that have no relay on their own server.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from cloudland.bus import subjects
 from cloudland.bus.connection import connect
+from cloudland.bus.heartbeat_relay import DEFAULT_FLUSH_SECONDS, HeartbeatRelay
 from cloudland.bus.messages import (
     GetHostState,
     Heartbeat,
+    HeartbeatBatch,
     HostCommand,
     HostState,
     InstanceStatus,
@@ -49,6 +53,25 @@ STATE_REQUEST_INTERVAL = 3.0
 DEBOUNCE = 0.05
 # Seconds between checks for hosts whose heartbeats stopped.
 DOWN_CHECK = 1.0
+# Undecodable heartbeat batches are logged at most this often.
+BAD_BATCH_LOG_INTERVAL = 10.0
+# Heartbeats come through a relay (up to a flush period late), reports straight: a heartbeat
+# sent before the host's last report may carry the digest of before it. Its mismatch is not acted
+# on (the next heartbeat checks again); how far back: the heartbeat's lag, at most this.
+DIGEST_RACE_MAX = 5.0
+# A heartbeat sent up to this long before the host's newest one is stale (it was overtaken, e.g.
+# the last one of the previous incarnation, still in a relay while the new one reported): dropped.
+# Older ones are taken (the host's clock stepped back).
+STALE_WINDOW = 2.0
+
+_batch_decoder = msgspec.json.Decoder(HeartbeatBatch)
+_heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
+
+
+class _RawBatch(msgspec.Struct):
+    """A batch with its heartbeats still encoded: the fallback when the whole does not decode."""
+
+    heartbeats: list[msgspec.Raw] = []
 
 
 class ControllerService:
@@ -66,6 +89,13 @@ class ControllerService:
         self._tasks: set[asyncio.Task[None]] = set()
         self.passes = 0
         self.stats = ControllerStats()
+        self.relay: HeartbeatRelay | None = None
+        self.heartbeat_batches = 0
+        self.bad_heartbeats = 0
+        self.stale_heartbeats = 0
+        self._bad_logged_at = 0.0
+        self._sent_at: dict[str, float] = {}  # host → sent_at of its newest heartbeat
+        self._reported_at: dict[str, float] = {}  # host → when its last report arrived (time.time())
 
     async def start(self) -> None:
         self.engine = make_engine(self.config.database_url)
@@ -79,7 +109,13 @@ class ControllerService:
             await self.nc.subscribe(subjects.REPORT_ALL, cb=self._on_report),
             await self.nc.subscribe(subjects.CONTROLLER_WAKE, cb=self._on_wake),
             await self.nc.subscribe(subjects.CONTROLLER_STATS, cb=self._on_stats),
+            await self.nc.subscribe(subjects.HEARTBEAT_BATCH, cb=self._on_heartbeat_batch),
         ]
+        # Flushes well within the down threshold, whatever it is configured to.
+        flush = min(DEFAULT_FLUSH_SECONDS, self.config.controller.host_down_seconds / 4)
+        self.relay = HeartbeatRelay(self.config.nats.url, flush_seconds=flush,
+                                    name="cloudland-controller-relay")
+        await self.relay.start()
         self._loop_task = asyncio.create_task(self._loop(), name="controller-loop")
         log.info("controller started (%d known hosts)", len(self.hosts.hosts))
 
@@ -89,6 +125,9 @@ class ControllerService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._loop_task = None
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -171,18 +210,70 @@ class ControllerService:
         except msgspec.DecodeError as e:
             log.warning("undecodable report on %s: %s", msg.subject, e)
             return
-        if isinstance(report, Heartbeat):
-            self.stats.heartbeat(report.sent_at)
-            if self.reconciler.on_heartbeat(report):
-                self._request_state(report.host_id)
+        if isinstance(report, Heartbeat):  # agents send them on heartbeat.<zone>; harmless here
+            self._on_heartbeat(report)
         elif isinstance(report, InstanceStatus):
             self.stats.statuses += 1
+            self._reported_at[report.host_id] = time.time()
             self.reconciler.on_status(report)
             self.kick()
         elif isinstance(report, HostState):
             self.stats.host_states += 1
+            self._reported_at[report.host_id] = time.time()
             self.reconciler.on_host_state(report)
             self.kick()
+
+    def _on_heartbeat(self, hb: Heartbeat) -> None:
+        assert self.reconciler is not None
+        host, sent_at = hb.host_id, hb.sent_at
+        if sent_at:
+            newest = self._sent_at.get(host, 0.0)
+            if newest - STALE_WINDOW < sent_at <= newest:
+                self.stale_heartbeats += 1
+                return
+            self._sent_at[host] = sent_at
+        self.stats.heartbeat(sent_at)
+        if not self.reconciler.on_heartbeat(hb):
+            return
+        if host in self.reconciler.synced and sent_at:
+            # A digest mismatch: real, or the heartbeat was sent before the last report arrived.
+            now = time.time()
+            lag = min(DIGEST_RACE_MAX, max(0.0, now - sent_at))
+            if self._reported_at.get(host, 0.0) >= now - lag - 0.05:
+                return
+        self._request_state(host)
+
+    async def _on_heartbeat_batch(self, msg: Msg) -> None:
+        self.heartbeat_batches += 1
+        try:
+            heartbeats = _batch_decoder.decode(msg.data).heartbeats
+        except msgspec.DecodeError as e:
+            heartbeats = self._salvage(msg.data, e)
+        for hb in heartbeats:
+            self._on_heartbeat(hb)
+
+    def _salvage(self, data: bytes, error: msgspec.DecodeError) -> list[Heartbeat]:
+        """The heartbeats that decode, of a batch that did not (all of them are lost only when
+        the batch itself is not JSON)."""
+        good: list[Heartbeat] = []
+        bad = 0
+        try:
+            raws = msgspec.json.decode(data, type=_RawBatch).heartbeats
+        except msgspec.DecodeError:
+            raws = []
+            bad = 1
+        for raw in raws:
+            try:
+                good.append(_heartbeat_decoder.decode(raw))
+            except msgspec.DecodeError:
+                bad += 1
+        self.bad_heartbeats += bad
+        now = time.monotonic()
+        if now - self._bad_logged_at >= BAD_BATCH_LOG_INTERVAL:
+            self._bad_logged_at = now
+            log.warning("undecodable heartbeat batch (%s): %d heartbeats kept, %s dropped "
+                        "(%d bad so far)", error, len(good), bad if raws else "all", self.bad_heartbeats)
+        return good
 
     async def _on_wake(self, msg: Msg) -> None:
         assert self.reconciler is not None
@@ -199,7 +290,10 @@ class ControllerService:
             self.stats.reset()
         up = sum(1 for h in self.hosts.hosts.values() if h.up)
         extra = {"hosts": len(self.hosts.hosts), "hosts_up": up,
-                 "synced": len(self.reconciler.synced) if self.reconciler else 0}
+                 "synced": len(self.reconciler.synced) if self.reconciler else 0,
+                 "heartbeat_batches": self.heartbeat_batches, "bad_heartbeats": self.bad_heartbeats,
+                 "stale_heartbeats": self.stale_heartbeats,
+                 "relayed_in_process": self.relay.relayed if self.relay else 0}
         with contextlib.suppress(Exception):
             await msg.respond(self.stats.encode(extra))
 

@@ -140,6 +140,7 @@ async def harness(config: Config, nats_url: str) -> AsyncIterator[Harness]:
     nc = await nats.connect(nats_url)
     h = Harness(config, nc)
     await nc.subscribe(subjects.report(config.agent.zone), cb=h.on_report)
+    await nc.subscribe(subjects.heartbeat(config.agent.zone), cb=h.on_report)  # (no relay here)
     await nc.flush()
     await h.start_agent()
     try:
