@@ -35,6 +35,9 @@ def scale(
     vms_per_network: Annotated[int, typer.Option(min=1, help="Servers per tenant network")] = 50,
     prefill: Annotated[int, typer.Option(help="Server rows written to the database first (ERROR, "
                                               "unscheduled): list latency at size")] = 0,
+    remote_group_rules: Annotated[bool, typer.Option(
+        help="The default group admits its own members (Neutron's default); off: it admits "
+             "10.0.0.0/8 instead, so no member sets are kept")] = True,
     relays: Annotated[bool, typer.Option(
         "--relays/--no-relays", help="Heartbeat relays on the rack leaves (else the controller's "
                                      "in-process relay takes every heartbeat)")] = True,
@@ -46,7 +49,8 @@ def scale(
                         api_workers=api_workers, clients=clients, projects=projects,
                         hosts_per_rack=hosts_per_rack, hosts_per_process=hosts_per_process,
                         heartbeat_seconds=heartbeat, host_down_seconds=host_down, work_dir=work_dir,
-                        timeout=timeout, vms_per_network=vms_per_network, prefill=prefill, relays=relays,
+                        timeout=timeout, vms_per_network=vms_per_network, prefill=prefill,
+                        remote_group_rules=remote_group_rules, relays=relays,
                         log=lambda m: typer.echo(f"[{time.strftime('%H:%M:%S')}] {m}"))
     try:
         import uvloop

@@ -49,6 +49,9 @@ class ScaleOptions:
     projects: int = 0  # 0: one per 10 networks, 4 to 50
     vms_per_network: int = 50  # tenant networks span about this many hypervisors
     prefill: int = 0  # server rows written straight to the database first (list latency at size)
+    # Neutron's default group: ingress from the group's own members (remote group). False: from
+    # the tenant address space (10.0.0.0/8) instead, no member sets (see docs/scale.md).
+    remote_group_rules: bool = True
     hosts_per_rack: int = 1000
     hosts_per_process: int = 0  # 0: about hypervisors / 4
     kill_group: int = 100
@@ -171,13 +174,24 @@ class ScaleBench:
 
     async def seed(self, config_path: Path) -> str:
         """Migrate, bootstrap identity, and add the flavor, image, projects and their networks."""
-        from sqlalchemy import select
+        from sqlalchemy import delete, select
 
         from cloudland.api.identity.bootstrap import bootstrap_identity
+        from cloudland.api.network.secgroup_rules import ensure_default_group
         from cloudland.config import load_config
         from cloudland.db.engine import make_engine, make_sessionmaker
         from cloudland.db.migrate import upgrade_async
-        from cloudland.db.models import Flavor, Image, Network, Port, Project, Role, RoleAssignment, Subnet
+        from cloudland.db.models import (
+            Flavor,
+            Image,
+            Network,
+            Port,
+            Project,
+            Role,
+            RoleAssignment,
+            SecurityGroupRule,
+            Subnet,
+        )
 
         config = load_config(config_path)
         await upgrade_async(config.database_url)
@@ -200,6 +214,15 @@ class ScaleBench:
                 s.add(RoleAssignment(user_id=creds.admin_user_id, target_type="project", target_id=project.id,
                                      role_id=admin_role))
                 self.projects.append(project.id)
+            for project_id in self.projects:  # as the first create would (then it is batched too)
+                group_id = await ensure_default_group(s, project_id)
+                if not self.o.remote_group_rules:
+                    await s.execute(delete(SecurityGroupRule).where(
+                        SecurityGroupRule.security_group_id == group_id,
+                        SecurityGroupRule.remote_group_id.is_not(None)))
+                    s.add(SecurityGroupRule(security_group_id=group_id, project_id=project_id,
+                                            direction="ingress", ethertype="IPv4",
+                                            remote_ip_prefix="10.0.0.0/8", description=""))
             for i in range(n_networks):
                 project_id = self.projects[i % n_projects]
                 net = Network(name=f"bench-net-{i}", project_id=project_id, segmentation_id=50000 + i)
@@ -576,7 +599,7 @@ class ScaleBench:
             "hypervisors": o.hypervisors, "vms": o.vms, "database": "postgresql" if "postgresql" in db_url
             else "sqlite", "api_workers": o.api_workers, "clients": o.clients, "projects": len(self.projects),
             "networks": len(self.networks),
-            "rate_limit": o.rate,
+            "rate_limit": o.rate, "remote_group_rules": o.remote_group_rules,
             "succeeded": succeeded, "failed": o.vms - succeeded, "errors": len(launch.errors),
             "rejected": launch.rejected, "rejections": {str(k): v for k, v in launch.rejections.items()},
             "success_rate": succeeded / o.vms if o.vms else 1.0,
@@ -638,7 +661,8 @@ def report(f: dict[str, Any]) -> str:
     return "\n".join([
         f"hypervisors {f['hypervisors']}, VMs {f['vms']}, database {f['database']}, "
         f"API workers {f['api_workers']}, clients {f['clients']}, projects {f['projects']}, "
-        f"networks {f['networks']}",
+        f"networks {f['networks']}"
+        + ("" if f.get("remote_group_rules", True) else ", default group without remote-group rules"),
         f"success rate        {100 * f['success_rate']:.3f}% ({f['succeeded']} ACTIVE, {f['errors']} ERROR, "
         f"{f['rejected']} rejected {f['rejections'] or ''})",
         f"sustained           {f['vms_per_second']:.1f} VMs/s (create requests "
