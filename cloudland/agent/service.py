@@ -91,6 +91,7 @@ class AgentService:
         self._net_subs: dict[str, Subscription] = {}
         # Last reported status of every instance this host has (never "absent").
         self._status: dict[str, InstanceStatus] = {}
+        self._digest: str | None = None  # state_digest of _status; None: to be computed
         # Per key ("instance:<id>" / "network:<id>"): the newest command not yet started,
         # and the task draining that key.
         self._pending: dict[str, HostCommand] = {}
@@ -111,6 +112,7 @@ class AgentService:
         await self.network.init_host()
         self.records.load()
         self._status = {}
+        self._digest = None
         for iid, state in (await self.compute.list_instances()).items():
             if state != "absent":
                 self._status[iid] = self._make_status(iid, state)
@@ -380,15 +382,16 @@ class AgentService:
             await asyncio.sleep(self.config.agent.heartbeat_seconds)
 
     def heartbeat(self) -> Heartbeat:
-        statuses = list(self._status.values())
+        if self._digest is None:  # most heartbeats: nothing changed since the last one
+            self._digest = state_digest(list(self._status.values()))
         return Heartbeat(
             host_id=self.host_id,
             zone=self.zone,
             address=self.address,
             boot_id=self.boot_id,
             resources=self.resources(),
-            state_digest=state_digest(statuses),
-            instance_count=len(statuses),
+            state_digest=self._digest,
+            instance_count=len(self._status),
             driver=self.compute.name,
             sent_at=time.time(),
         )
@@ -442,6 +445,7 @@ class AgentService:
             self._status.pop(iid, None)
         else:
             self._status[iid] = status
+        self._digest = None
         await self._publish(status)
 
     async def _publish(self, msg: Message, subject: str | None = None) -> None:
