@@ -411,61 +411,66 @@ class ScaleBench:
                 result.last_sent = time.time()
             conn.close()
 
-        done = asyncio.Event()
-        poller = asyncio.create_task(self.poll(admin_token, result, done))
+        progress = asyncio.create_task(self.log_progress(result))
         await asyncio.gather(*(client() for _ in range(o.clients)))
+        progress.cancel()
         deadline = time.monotonic() + o.timeout
         while time.monotonic() < deadline:
-            if len(result.active) + len(result.errors) >= len(result.sent):
+            if not await self.still_building(admin_token):
                 break
-            await asyncio.sleep(0.2)
-        done.set()
-        await poller
+            await asyncio.sleep(0.5)
+        await self.collect(admin_token, result)
         return result
 
-    async def poll(self, token: str, result: Launch, done: asyncio.Event) -> None:
-        """Watch changes: ``changes-since`` pages of every server updated since the last poll."""
+    async def log_progress(self, result: Launch) -> None:
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(30)
+            elapsed = time.monotonic() - started
+            self.o.log(f"{len(result.sent)} creates accepted in {elapsed:.0f}s "
+                       f"({len(result.sent) / elapsed:.0f}/s), {result.rejected} rejected")
+
+    async def still_building(self, token: str) -> bool:
+        """Whether any server is still building: one brief row (``status=BUILD&limit=1``). The
+        newest servers are the last to finish, so the index walk stops at once until none is
+        left. (Watching with ``changes-since`` detail pages cost the API more CPU than the
+        creates it watched.)"""
         conn = Connection("127.0.0.1", self.port)
-        since = datetime.now(UTC) - timedelta(seconds=5)
-        progress_at, seen = time.monotonic(), 0
-        while not done.is_set():
-            started = datetime.now(UTC)
-            params = {"all_tenants": "1", "limit": "1000",
-                      "changes-since": since.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
-            if len(result.active) + len(result.errors) != seen:
-                progress_at, seen = time.monotonic(), len(result.active) + len(result.errors)
-            elif time.monotonic() - progress_at > 5 and result.last_sent:
-                # A row whose transaction committed long after its updated_at was missed:
-                # catch up once with a full listing (rare; the launch has stalled anyway).
-                params = {"all_tenants": "1", "limit": "1000"}
-                progress_at = time.monotonic()
-            marker = None
-            while True:
-                if marker:
-                    params["marker"] = marker
-                status, _, body = await conn.request("GET", f"{V21}/servers/detail", None,
-                                                     {"X-Auth-Token": token}, params)
-                if status != 200:
-                    break
-                servers = body.get("servers", [])
-                for srv in servers:
-                    sid = srv["id"]
-                    if sid not in result.sent:
-                        continue  # prefilled rows, or a create whose answer is still on its way
-                    if srv["status"] == "ACTIVE" and sid not in result.active:
-                        launched = srv.get("OS-SRV-USG:launched_at")
-                        when = (datetime.fromisoformat(launched).replace(tzinfo=UTC).timestamp()
-                                if launched else time.time())
-                        result.active[sid] = when
-                    elif srv["status"] == "ERROR":
-                        result.errors.add(sid)
-                if len(servers) < 1000:
-                    break
-                marker = servers[-1]["id"]
-            # Rows commit after their updated_at (set at flush): look back.
-            since = started - timedelta(seconds=10)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), 0.5)
+        try:
+            status, _, body = await conn.request(
+                "GET", f"{V21}/servers", None, {"X-Auth-Token": token},
+                {"all_tenants": "1", "status": "BUILD", "limit": "1"})
+        finally:
+            conn.close()
+        return status != 200 or bool(body.get("servers"))
+
+    async def collect(self, token: str, result: Launch) -> None:
+        """Every launched server's ``OS-SRV-USG:launched_at`` (its ACTIVE time) and the ones in
+        ERROR, paging once through all servers (keyset pages of 1,000)."""
+        conn = Connection("127.0.0.1", self.port)
+        marker = None
+        while True:
+            params = {"all_tenants": "1", "limit": "1000"}
+            if marker:
+                params["marker"] = marker
+            status, _, body = await conn.request("GET", f"{V21}/servers/detail", None,
+                                                 {"X-Auth-Token": token}, params)
+            if status != 200:
+                raise RuntimeError(f"list: {status} {body}")
+            servers = body.get("servers", [])
+            for srv in servers:
+                sid = srv["id"]
+                if sid not in result.sent:
+                    continue  # prefilled rows
+                if srv["status"] == "ACTIVE":
+                    launched = srv.get("OS-SRV-USG:launched_at")
+                    result.active[sid] = (datetime.fromisoformat(launched).replace(tzinfo=UTC).timestamp()
+                                          if launched else time.time())
+                elif srv["status"] == "ERROR":
+                    result.errors.add(sid)
+            if len(servers) < 1000:
+                break
+            marker = servers[-1]["id"]
         conn.close()
 
     async def list_latency(self, token: str) -> dict[str, Any]:
