@@ -98,7 +98,7 @@ class ControllerService:
         self._reported_at: dict[str, float] = {}  # host → when its last report arrived (time.time())
 
     async def start(self) -> None:
-        self.engine = make_engine(self.config.database_url)
+        self.engine = make_engine(self.config.database_url, custom_plans=True)
         self.sessionmaker = make_sessionmaker(self.engine)
         async with self.sessionmaker() as session:
             self.hosts.load(await session.scalars(select(Host)))

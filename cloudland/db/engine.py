@@ -16,7 +16,11 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
-def make_engine(url: str) -> AsyncEngine:
+def make_engine(url: str, custom_plans: bool = False) -> AsyncEngine:
+    """``custom_plans``: PostgreSQL plans every execution for its parameters (the controller's
+    statements take id arrays, ``= ANY(:ids)``: a cached generic plan may scan a table and test
+    each row against every element of the array; a custom plan sees the array and hashes it, or
+    uses the index). Costs a little planning per statement."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -27,7 +31,9 @@ def make_engine(url: str) -> AsyncEngine:
     # connect, a TLS attempt and every statement prepared again (profiled: ~20 a second per
     # API worker at pool_size 20 under 32 concurrent requests). Three processes (two API
     # workers and the controller) fit PostgreSQL's default max_connections of 100.
-    return create_async_engine(url, pool_size=32, max_overflow=16, pool_recycle=300)
+    connect_args = {"server_settings": {"plan_cache_mode": "force_custom_plan"}} if custom_plans else {}
+    return create_async_engine(url, pool_size=32, max_overflow=16, pool_recycle=300,
+                               connect_args=connect_args)
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
