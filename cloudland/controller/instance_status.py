@@ -32,17 +32,25 @@ class Outcome:
     missing: list[str] = field(default_factory=list)
     # (host, instance) pairs of guests that must not exist on that host.
     strays: list[tuple[str, str]] = field(default_factory=list)
+    # (port id, project) of the finalized instances' ports: deleted, or unbound when preserved.
+    freed_ports: list[tuple[str, str]] = field(default_factory=list)
 
     def merge(self, other: Outcome) -> None:
         self.finalized += other.finalized
         self.missing += other.missing
         self.strays += other.strays
+        self.freed_ports += other.freed_ports
 
 
-async def finalize_delete(session: AsyncSession, inst: Instance) -> set[str]:
+async def finalize_delete(session: AsyncSession, inst: Instance,
+                          freed: list[tuple[str, str]] | None = None) -> set[str]:
     """The guest is gone (or its host is down): release the ports and mark the row deleted.
-    Returns the networks its ports were on."""
-    networks = set(await session.scalars(select(Port.network_id).where(Port.device_id == inst.id)))
+    Returns the networks its ports were on; adds (port id, project) of its ports to ``freed``."""
+    ports = list(await session.execute(
+        select(Port.id, Port.project_id, Port.network_id).where(Port.device_id == inst.id)))
+    networks = {net for _, _, net in ports}
+    if freed is not None:
+        freed.extend((port_id, project) for port_id, project, _ in ports)
     if inst.preserved_port_ids:
         await session.execute(
             update(Port).where(Port.id.in_(inst.preserved_port_ids), Port.device_id == inst.id)
@@ -181,7 +189,8 @@ async def apply_statuses(session: AsyncSession, statuses: Iterable[InstanceStatu
         objects = {i.id: i for i in await session.scalars(select(Instance).where(Instance.id.in_(finalize)))}
         for iid in finalize:
             if (obj := objects.get(iid)) is not None:
-                outcome.finalized.append((obj, obj.host, await finalize_delete(session, obj)))
+                networks = await finalize_delete(session, obj, outcome.freed_ports)
+                outcome.finalized.append((obj, obj.host, networks))
     for value, ids in port_status.items():
         if ids:
             # Neutron: a port is ACTIVE while its guest runs (its tap is plugged and up).

@@ -35,8 +35,9 @@ from cloudland.bus.messages import (
     state_digest,
 )
 from cloudland.config import Config
-from cloudland.controller import scheduler, secgroups, specs
+from cloudland.controller import scheduler, specs
 from cloudland.controller.columns import OneOf, json_text, json_value, per_dialect
+from cloudland.controller.group_members import GroupMemberIndex
 from cloudland.controller.hosts import HostIndex, HostInfo
 from cloudland.controller.instance_status import Outcome, apply_statuses, finalize_delete
 from cloudland.controller.specs import InstanceRow
@@ -118,6 +119,7 @@ class Reconciler:
         self.dirty_nets: set[HostNet] = set()
         self.fanout_nets: set[HostNet] = set()
         self._sg_networks: set[str] = set()
+        self.members = GroupMemberIndex(clock)
         self.hosts_to_check: set[str] = set()
         self.hosts_changed: set[str] = set()  # came up or went down: their networks' peers change
         self.pending_reports: list[InstanceStatus] = []
@@ -181,8 +183,11 @@ class Reconciler:
 
     def wake(self, instance_ids: Iterable[str], network_ids: Iterable[str] = ()) -> None:
         self.dirty.update(instance_ids)
-        # Security groups changed on these networks: their member hosts get new specs.
-        self._sg_networks.update(network_ids)
+        # Security groups or ports changed on these networks: their member hosts get new specs,
+        # and the member index reads their ports again.
+        nets = list(network_ids)
+        self._sg_networks.update(nets)
+        self.members.networks_changed(nets)
 
     @property
     def has_work(self) -> bool:
@@ -218,6 +223,7 @@ class Reconciler:
         await self._after_reports(outcome)
 
     async def _after_reports(self, outcome: Outcome) -> None:
+        self.members.ports_changed(outcome.freed_ports)
         for inst, host, networks in outcome.finalized:
             self.inflight.pop((host or "", inst.id), None)
             self._networks_changed(host, networks)
@@ -241,11 +247,11 @@ class Reconciler:
         # So do routers' static neighbours.
         with_groups: set[str] = set()
         if self.broadcast:
-            with_groups = (await secgroups.networks_with_groups(session, nets)
+            with_groups = (await self.members.networks_with_remote_rules(session, nets)
                            | await specs.router_specs.networks_with_routers(session, nets))
         # A group's members span its project: hosts on other networks whose rules admit a group
         # with members here need the new member set too.
-        admitting = await secgroups.networks_admitting_members_of(session, nets) - nets
+        admitting = await self.members.networks_admitting_members_of(session, nets) - nets
         if admitting:
             later = self.dirty_nets if self.broadcast is None else self.fanout_nets
             for net, hosts in (await specs.hosts_of_networks(session, admitting)).items():
@@ -348,6 +354,8 @@ class Reconciler:
             pending = list(await session.execute(_PENDING, {"limit": self.schedule_batch}))
             if not pending:
                 return
+            # Their ports get bound (or stay unbound on a failure): the member index reads them again.
+            self.members.devices_changed(iid for iid, deleted, *_ in pending if not deleted)
             placement = await self._placement_now(session)
             picks: list[tuple[str, HostInfo]] = []
             try:
@@ -408,6 +416,21 @@ class Reconciler:
         batch = set()
         while self.dirty and len(batch) < self.dirty_batch:
             batch.add(self.dirty.pop())
+        # Finalized deletes are read back by the member index before the commit: if the
+        # transaction fails, what it read then is forgotten.
+        self.members.record()
+        try:
+            commands, absent = await self._converge(batch)
+        except BaseException:
+            self.members.discard_recorded()
+            raise
+        self.members.stop_recording()
+        for inst in absent:
+            await self._send_absent(inst.host or "", inst.id)
+        for host, command in commands:
+            await self.send(host, command)
+
+    async def _converge(self, batch: set[str]) -> tuple[list[tuple[str, HostCommand]], list[InstanceRow]]:
         ensure: dict[str, list[InstanceRow]] = defaultdict(list)
         absent: list[InstanceRow] = []
         async with self.sessionmaker() as session, session.begin():
@@ -416,6 +439,9 @@ class Reconciler:
             finalize: list[InstanceRow] = []
             for inst in rows:
                 if inst.deleted_at is not None:
+                    # Deleted by the API itself (its host was down or it had none): its ports
+                    # went without the controller, so their project is read again.
+                    self.members.project_changed(inst.project_id)
                     continue
                 host = inst.host
                 up = self.hosts.is_up(host)
@@ -445,17 +471,17 @@ class Reconciler:
             if finalize:  # finalize_delete changes the ORM object: load those (few) rows whole
                 objects = {i.id: i for i in await session.scalars(
                     select(Instance).where(Instance.id.in_([i.id for i in finalize])))}
+                freed: list[tuple[str, str]] = []
                 for inst in finalize:
                     if inst.id in objects:
-                        self._networks_changed(inst.host, await finalize_delete(session, objects[inst.id]))
+                        networks = await finalize_delete(session, objects[inst.id], freed)
+                        self._networks_changed(inst.host, networks)
+                self.members.ports_changed(freed)
             if synced_statuses:
                 await self._after_reports(await apply_statuses(session, synced_statuses))
             await self._peer_updates(session)
             commands = await self._build_commands(session, ensure)
-        for inst in absent:
-            await self._send_absent(inst.host or "", inst.id)
-        for host, command in commands:
-            await self.send(host, command)
+        return commands, absent
 
     async def _load(self, session: AsyncSession, ids: set[str]) -> list[InstanceRow]:
         """The instances' columns converge and the specs read (no ORM objects)."""
@@ -487,7 +513,7 @@ class Reconciler:
         commands: list[tuple[str, HostCommand]] = []
         force = {(h, p.network_id) for h, items in ensure.items() for i in items for p in ports[i.id]}
         bindings = specs.router_specs.GatewayBindings()
-        net_specs = await specs.network_specs(session, pairs, self._peer_address, bindings)
+        net_specs = await specs.network_specs(session, pairs, self._peer_address, bindings, self.members)
         if bindings.new:  # a host got its gateway port on an external network: it needs that network
             self.dirty_nets.update(bindings.new)
             self._peers_of.update(net for _, net in bindings.new)

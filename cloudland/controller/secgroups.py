@@ -1,4 +1,8 @@
-"""Security groups in specs: each port's rules and the addresses of remote groups' members."""
+"""Security groups in specs: each port's rules and the addresses of remote groups' members.
+
+The member queries here read every port of the projects concerned: the controller answers them
+from its ``group_members.GroupMemberIndex``; these are the reference (tests compare the two) and
+serve callers without an index."""
 
 from __future__ import annotations
 
@@ -80,9 +84,20 @@ def _members_stmt(one_of: OneOf) -> Select[Any]:
     )
 
 
+def named_groups(ports: Iterable[PortSpec]) -> set[str]:
+    """The remote groups the ports' rules name."""
+    return {r.remote_group_id for p in ports for r in p.security_rules if r.remote_group_id}
+
+
 async def remote_groups(session: AsyncSession, ports: Iterable[PortSpec]) -> dict[str, list[str]]:
     """{group id: member addresses} for every remote group the ports' rules name."""
-    wanted = {r.remote_group_id for p in ports for r in p.security_rules if r.remote_group_id}
+    return await members_of_groups(session, named_groups(ports))
+
+
+async def members_of_groups(session: AsyncSession, group_ids: Iterable[str]) -> dict[str, list[str]]:
+    """{group id: member addresses, sorted}: the addresses of the ports of the group's project
+    that are in the group, bound or not."""
+    wanted = set(group_ids)
     if not wanted:
         return {}
     members: dict[str, set[str]] = {g: set() for g in wanted}
@@ -98,10 +113,16 @@ async def remote_groups(session: AsyncSession, ports: Iterable[PortSpec]) -> dic
 
 
 @per_dialect
-def _group_lists_stmt(one_of: OneOf) -> Select[Any]:
-    """The distinct security group lists of the ports on networks (a few per network)."""
+def _bound_lists_on_stmt(one_of: OneOf) -> Select[Any]:
+    """The distinct security group lists of the bound ports on networks (a few per network)."""
     return (select(_ports.c.network_id, json_text(_ports.c.security_groups)).distinct()
-            .where(one_of(_ports.c.network_id, "nets")))
+            .where(one_of(_ports.c.network_id, "nets"), _ports.c.binding_host_id != ""))
+
+
+@per_dialect
+def _remote_rule_groups_stmt(one_of: OneOf) -> Select[Any]:
+    return (select(_rules.c.security_group_id).distinct()
+            .where(one_of(_rules.c.security_group_id, "groups"), _rules.c.remote_group_id.is_not(None)))
 
 
 @per_dialect
@@ -125,11 +146,16 @@ def _bound_group_lists_stmt(one_of: OneOf) -> Select[Any]:
             .where(_ports.c.project_id.in_(projects), _ports.c.binding_host_id != ""))
 
 
-async def networks_with_groups(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:
-    """The networks (of ``network_ids``) with a port in a security group: their hosts' rule
-    sets may name remote groups, whose members change when ports come and go."""
-    rows = await session.execute(_group_lists_stmt(session), {"nets": list(network_ids)})
-    return {net for net, groups in rows if json_value(groups)}
+async def networks_with_remote_rules(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:
+    """The networks (of ``network_ids``) with a bound port in a group whose rules name a remote
+    group: their hosts' specs carry member sets, which change when ports come and go."""
+    rows = [(net, set(json_value(groups) or [])) for net, groups in await session.execute(
+        _bound_lists_on_stmt(session), {"nets": list(network_ids)})]
+    groups = {g for _, gs in rows for g in gs}
+    if not groups:
+        return set()
+    named = set(await session.scalars(_remote_rule_groups_stmt(session), {"groups": sorted(groups)}))
+    return {net for net, gs in rows if gs & named}
 
 
 async def networks_admitting_members_of(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:

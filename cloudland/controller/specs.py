@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import Select, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,6 +26,9 @@ from cloudland.config import Config
 from cloudland.controller import router_specs, secgroups
 from cloudland.controller.columns import OneOf, json_text, json_value, per_dialect
 from cloudland.db.models import Image, Instance, IpAllocation, Network, Port, Subnet
+
+if TYPE_CHECKING:
+    from cloudland.controller.group_members import GroupMemberIndex
 
 DHCP_OWNER = "network:dhcp"
 
@@ -261,12 +264,14 @@ def _subnets_stmt(one_of: OneOf) -> Select[Any]:
 async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
                         peer_address: Callable[[str], str | None],
                         bindings: router_specs.GatewayBindings | None = None,
+                        member_index: GroupMemberIndex | None = None,
                         ) -> dict[HostNetwork, NetworkSpec | None]:
     """NetworkSpec per (host, network); None where the host has no port on it any more.
 
     ``peer_address`` gives the underlay address of an up host (None when down or unknown).
     Gateway ports bound to a host while building routers are added to ``bindings``: those
-    hosts need the external network's spec too.
+    hosts need the external network's spec too. Remote groups' members come from
+    ``member_index`` when given, else from the database.
     """
     wanted = set(pairs)
     if not wanted:
@@ -295,7 +300,9 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
     # Addresses per network once (not per host: a network may span thousands of hosts).
     addresses = {net: sorted({a for h in hosts for a in [peer_address(h)] if a})
                  for net, hosts in members.items()}
-    remote = await secgroups.remote_groups(session, [p for ports in local.values() for p in ports])
+    local_ports = [p for ports in local.values() for p in ports]
+    remote = (await member_index.remote_groups(session, secgroups.named_groups(local_ports))
+              if member_index is not None else await secgroups.remote_groups(session, local_ports))
     carried = [(h, n) for h, n in wanted if h in members.get(n, ())]
     routers = await router_specs.router_specs(session, carried, bindings or router_specs.GatewayBindings())
     result: dict[HostNetwork, NetworkSpec | None] = {}

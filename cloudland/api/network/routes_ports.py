@@ -210,6 +210,8 @@ async def create_port(request: Request, ctx: RequestContext = Depends(require_co
         device_owner=values.pop("device_owner", ""), fixed_ips=fixed_ips, mac_address=mac,
         name=values.pop("name", ""), binding_host_id=values.pop("binding_host_id", ""), attrs=values)
     await session.commit()
+    # A new member of its groups (bound or not): the controller's member index reads the network again.
+    await wake_controller(request, [], [port.network_id])
     return {"port": await _view(session, ctx, port)}
 
 
@@ -255,12 +257,12 @@ async def update_port(port_id: str, request: Request, ctx: RequestContext = Depe
     await session.commit()
     if fip_networks:
         await wake_controller(request, [], sorted(fip_networks))
-    if {"security_groups", "port_security_enabled", "allowed_address_pairs", "fixed_ips"} & set(values) | \
-            ({"fixed_ips"} & set(attrs)):
+    if {"security_groups", "port_security_enabled", "allowed_address_pairs", "fixed_ips",
+            "binding_host_id"} & set(values) | ({"fixed_ips"} & set(attrs)):
         # Old and new groups: members left one and joined the other; the port's own network:
-        # its host's rules for this port changed even when it is in no group any more.
-        await notify(request, session, old_groups | set(port.security_groups or []),
-                     {port.network_id} if port.binding_host_id else set())
+        # its host's rules for this port changed even when it is in no group any more (and,
+        # bound or not, the controller's member index reads that network's ports again).
+        await notify(request, session, old_groups | set(port.security_groups or []), {port.network_id})
     return {"port": await _view(session, ctx, port)}
 
 
@@ -276,6 +278,6 @@ async def delete_port(port_id: str, request: Request, ctx: RequestContext = Depe
     networks = await ipam.disassociate_floating_ips(session, [port.id])
     await ipam.delete_port(session, port.id)
     await session.commit()
-    if networks:
-        await wake_controller(request, [], sorted(networks))
+    # The port's own network too: the controller's member index reads its ports again.
+    await wake_controller(request, [], sorted(set(networks) | {port.network_id}))
     return Response(status_code=204)
