@@ -22,6 +22,10 @@ from hypothesis import strategies as st
 
 from tests.conftest import free_port
 
+# A sweep of every operation of a whole API server (~30 s): with the end-to-end tests, out of the
+# fast set; CI runs it.
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
