@@ -97,7 +97,7 @@ def exhausted(network_id: str) -> ApiError:
 
 
 _allocations = IpAllocation.__table__
-# Per dialect: INSERT ... ON CONFLICT (subnet_id, ip_address) DO NOTHING RETURNING ip_address.
+# Per dialect: INSERT ... ON CONFLICT (subnet_id, ip_address) DO NOTHING RETURNING subnet_id, ip_address.
 _insert_or_skip: dict[str, Any] = {}
 
 
@@ -107,7 +107,7 @@ def _insert_statement(dialect: str) -> Any:
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         stmt = _insert_or_skip[dialect] = (
             insert(_allocations).on_conflict_do_nothing(index_elements=["subnet_id", "ip_address"])
-            .returning(_allocations.c.ip_address))
+            .returning(_allocations.c.subnet_id, _allocations.c.ip_address))
     return stmt
 
 
@@ -444,18 +444,6 @@ async def disassociate_stale_floating_ips(session: AsyncSession, port_id: str) -
     return await _release_floating_ips(session, fips)
 
 
-_insert_many: dict[str, Any] = {}
-
-
-def _insert_many_statement(dialect: str) -> Any:
-    stmt = _insert_many.get(dialect)
-    if stmt is None:
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        stmt = _insert_many[dialect] = (
-            insert(_allocations).on_conflict_do_nothing(index_elements=["subnet_id", "ip_address"])
-            .returning(_allocations.c.subnet_id, _allocations.c.ip_address))
-    return stmt
-
 
 async def allocate_many(session: AsyncSession,
                         wanted: list[tuple[str, str, Subnet]]) -> dict[tuple[str, str], str]:
@@ -504,7 +492,7 @@ async def allocate_many(session: AsyncSession,
                 ip = _text(free_big[s.id].pop(), s)
             rows_in.append({"subnet_id": s.id, "ip_address": ip, "port_id": port_id,
                             "network_id": s.network_id})
-        got = {(r[0], r[1]) for r in await session.execute(_insert_many_statement(dialect), rows_in)}
+        got = {(r[0], r[1]) for r in await session.execute(_insert_statement(dialect), rows_in)}
         again = []
         for row, entry in zip(rows_in, pending, strict=True):
             if (row["subnet_id"], row["ip_address"]) in got:
