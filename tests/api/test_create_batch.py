@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from cloudland.db.models import Flavor, Image, IpAllocation, Network, Port, Project, Subnet
+from cloudland.db.models import Flavor, Image, Instance, IpAllocation, Network, Port, Project, Subnet
 from tests.api.test_servers import V21, Seed, auth, create, error
 
 
@@ -125,3 +125,46 @@ async def test_batching_off(client: httpx.AsyncClient, demo_token: str, seed: Se
         async with httpx.AsyncClient(transport=transport, base_url="http://cloudland.test") as c2:
             r = await create(c2, demo_token, seed, networks=[{"uuid": seed.network_id}])
             assert r.status_code == 202, r.text
+
+
+@pytest.mark.both_databases
+async def test_errors_in_a_batch(client: httpx.AsyncClient, demo_token: str, seed: Seed, app,
+                                 config) -> None:  # type: ignore[no-untyped-def]
+    """The batch reads what all its requests need at once; each request still gets its own
+    outcome, the one it would get alone, and the good ones are written."""
+    config.compute.quota_instances = config.compute.quota_cores = config.compute.quota_ram = -1
+    await _default_group(client, demo_token)
+    async with app.state.sessionmaker() as s, s.begin():
+        other = Network(name="theirs", project_id=seed.admin_project, segmentation_id=102)
+        s.add(other)
+        await s.flush()
+        other_id = other.id
+    nets = [{"uuid": seed.network_id}]
+    requests = {
+        "good-1": {"networks": nets},
+        "good-2": {"networks": nets, "imageRef": f"http://x/images/{seed.image_id}", "flavorRef": "http://x/flavors/1"},
+        "no-flavor": {"networks": nets, "flavorRef": "nope"},
+        "no-image": {"networks": nets, "imageRef": "nope"},
+        "no-network": {"networks": [{"uuid": "nope"}]},
+        "not-mine": {"networks": [{"uuid": other_id}]},
+        "bad-name": {"networks": nets, "name": ""},
+        "unknown-group": {"networks": nets, "security_groups": [{"name": "web"}]},
+        "named-default": {"networks": nets, "security_groups": [{"name": "default"}]},
+        "bad-user-data": {"networks": nets, "user_data": "not base64!"},
+    }
+    replies = dict(zip(requests, await asyncio.gather(*(
+        create(client, demo_token, seed, **({"name": name} | extra)) for name, extra in requests.items())),
+        strict=True))
+    for name in ("good-1", "good-2", "named-default"):
+        assert replies[name].status_code == 202, replies[name].text
+    assert error(replies["no-flavor"], 400, "badRequest") == "Flavor nope could not be found."
+    assert error(replies["no-image"], 400, "badRequest") == "Image nope could not be found."
+    assert error(replies["no-network"], 400, "badRequest") == "Network nope could not be found."
+    assert error(replies["not-mine"], 400, "badRequest") == f"Network {other_id} could not be found."
+    assert error(replies["bad-name"], 400, "badRequest").startswith("Invalid input for field/attribute name")
+    assert error(replies["unknown-group"], 400, "badRequest") == "Security group web not found."
+    assert error(replies["bad-user-data"], 400, "badRequest") == "User data needs to be valid base 64."
+    created = {replies[n].json()["server"]["id"] for n in ("good-1", "good-2", "named-default")}
+    async with app.state.sessionmaker() as s:
+        names = set(await s.scalars(select(Instance.name).where(Instance.deleted_at.is_(None))))
+    assert names == {"good-1", "good-2", "named-default"} and len(created) == 3

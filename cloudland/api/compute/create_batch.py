@@ -64,8 +64,9 @@ def batchable(req: CreateRequest) -> bool:
 @dataclass
 class _Item:
     ctx: RequestContext
-    req: CreateRequest
-    future: asyncio.Future[str]
+    req: CreateRequest | None  # None: parsed in the batch, from ``payload``
+    future: asyncio.Future[tuple[str, CreateRequest]]
+    payload: Any = None
     instance_id: str = field(default_factory=new_id)
     port_id: str = field(default_factory=new_id)
     mac: str = field(default_factory=ipam.random_mac)
@@ -94,8 +95,13 @@ class CreateBatcher:
         self.batched = 0
         self.fallbacks = 0
 
-    async def create(self, ctx: RequestContext, req: CreateRequest) -> str:
-        item = _Item(ctx, req, asyncio.get_running_loop().create_future())
+    async def create(self, ctx: RequestContext, req: CreateRequest | None = None,
+                     payload: Any = None) -> tuple[str, CreateRequest]:
+        """The new server's id and the request as parsed. Either ``req`` (parsed by the caller)
+        or the request's ``payload``: then the batch parses it, reading what every request of
+        the batch needs in one statement (``server_create.lookups_many``). A parsed request the
+        batch cannot write (not ``batchable``) comes back with no id: the caller writes it."""
+        item = _Item(ctx, req, asyncio.get_running_loop().create_future(), payload)
         self._queue.append(item)
         if self._writer is None:
             self._writer = asyncio.create_task(self._drain())
@@ -110,12 +116,44 @@ class CreateBatcher:
             self._writer = None
 
     async def _write_batch(self, batch: list[_Item]) -> None:
+        batch = await self._parse(batch)
+        for item in batch:
+            if not batchable(_req(item)):  # the caller writes it: ("", the request)
+                item.future.set_result(("", _req(item)))
+        batch = [i for i in batch if not i.future.done()]
+        if not batch:
+            return
         ids = await self._write_or_fall_back(batch)
         if self.written is not None and ids:
             try:
                 await self.written(ids)
             except Exception as e:  # the controller finds them on its next pass anyway
                 log.warning("cannot announce %d new servers: %s", len(ids), e)
+
+    async def _parse(self, batch: list[_Item]) -> list[_Item]:
+        """The batch's requests parsed (those given as payloads: their lookups in one statement);
+        the ones that fail get their error now and leave the batch."""
+        raw = [i for i in batch if i.req is None]
+        if not raw:
+            return batch
+        keys = [server_create.lookup_key(i.ctx, i.payload) for i in raw]
+        try:
+            async with self.sessionmaker() as session:
+                # No transaction: BEGIN and COMMIT would be two more round trips.
+                await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+                rows = await server_create.lookups_many(session, keys)
+                for item, key in zip(raw, keys, strict=True):
+                    try:
+                        item.req = await server_create.parse_create(session, item.ctx, item.payload,
+                                                                    rows[key])
+                    except Exception as e:  # the request's own error (ApiError)
+                        if not item.future.done():
+                            item.future.set_exception(e)
+        except Exception as e:  # the database: every request not parsed yet fails with it
+            for item in raw:
+                if item.req is None and not item.future.done():
+                    item.future.set_exception(e)
+        return [i for i in batch if i.req is not None and not i.future.done()]
 
     async def _write_or_fall_back(self, batch: list[_Item]) -> list[str]:
         """The ids of the servers created."""
@@ -126,34 +164,43 @@ class CreateBatcher:
             self.batched += len(batch)
             for item in batch:
                 if not item.future.done():  # done: the client went away (cancelled)
-                    item.future.set_result(item.instance_id)
+                    item.future.set_result((item.instance_id, _req(item)))
             return [i.instance_id for i in batch]
         except BatchFailed as e:
             log.debug("batch of %d creates goes one by one: %s", len(batch), e)
         except Exception as e:  # a concurrent change, a constraint: the one-by-one path tells which
             log.info("batch of %d creates goes one by one: %s", len(batch), e)
         self.fallbacks += 1
+        return await self._one_by_one(batch)
+
+    async def _one_by_one(self, items: list[_Item]) -> list[str]:
         created = []
-        for item in batch:
+        for item in items:
             if item.future.done():
                 continue
             try:
-                server_id = await self._one(item)
+                server_ids = await self._one(item)
             except Exception as e:  # the request's own error (ApiError), or a failure to report
                 if not item.future.done():
                     item.future.set_exception(e)
                 continue
-            created.append(server_id)
+            created.extend(server_ids)
             if not item.future.done():
-                item.future.set_result(server_id)
+                item.future.set_result((server_ids[0], _req(item)))
         return created
 
-    async def _one(self, item: _Item) -> str:
+    async def _one(self, item: _Item) -> list[str]:
+        req = _req(item)
         async with self.sessionmaker() as session, session.begin():
             project_id = item.ctx.project_id
             assert project_id is not None
-            count = await server_create.allowed_count(session, project_id, item.req, self.quotas)
-            return (await server_create.create_instances(session, item.ctx, item.req, count))[0]
+            count = await server_create.allowed_count(session, project_id, req, self.quotas)
+            return await server_create.create_instances(session, item.ctx, req, count)
+
+
+def _req(item: _Item) -> CreateRequest:
+    assert item.req is not None
+    return item.req
 
 
 async def _check_quotas(session: AsyncSession, batch: list[_Item], quotas: ComputeConfig) -> None:
@@ -174,7 +221,7 @@ async def _check_quotas(session: AsyncSession, batch: list[_Item], quotas: Compu
         used[project] = [count, cores, ram]
     for item in batch:
         total = used[item.ctx.project_id or ""]
-        for k, per in enumerate((1, item.req.flavor.vcpus, item.req.flavor.ram)):
+        for k, per in enumerate((1, _req(item).flavor.vcpus, _req(item).flavor.ram)):
             total[k] += per
             if limits[k] >= 0 and total[k] > limits[k]:
                 raise BatchFailed("over quota")
@@ -190,11 +237,11 @@ async def _write(session: AsyncSession, batch: list[_Item], quotas: ComputeConfi
         raise BatchFailed(f"no batch statements for {dialect}")
     await _check_quotas(session, batch, quotas)
     await session.execute(server_create.INSERT_INSTANCE, [
-        server_create.instance_row(i.ctx, i.req, i.instance_id, i.req.name) for i in batch])
+        server_create.instance_row(i.ctx, _req(i), i.instance_id, _req(i).name) for i in batch])
     pending = batch
     for _ in range(4):  # a MAC taken on the network: another one (a 1 in 16 million event)
-        rows = [server_create.port_row(i.req.networks[0].network, i.ctx.project_id or "", i.port_id,
-                                       i.mac, i.instance_id, [i.req.default_group_id or ""])
+        rows = [server_create.port_row(_req(i).networks[0].network, i.ctx.project_id or "", i.port_id,
+                                       i.mac, i.instance_id, [_req(i).default_group_id or ""])
                 for i in pending]
         inserted = set((await session.execute(_INSERT_PORTS[dialect], rows)).scalars())
         pending = [i for i in pending if i.port_id not in inserted]
@@ -213,7 +260,7 @@ async def _allocate_addresses(session: AsyncSession, batch: list[_Item]) -> None
     subnet."""
     wanted: list[tuple[str, str, Any]] = []
     for item in batch:
-        subnets = item.req.networks[0].subnets or []
+        subnets = _req(item).networks[0].subnets or []
         for version in (4, 6):
             stateful = [s for s in subnets if s.ip_version == version and not ipam.is_auto_address(s)]
             if len(stateful) > 1:

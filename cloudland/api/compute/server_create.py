@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, literal, or_, select, update
+from sqlalchemy import Text, bindparam, func, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -157,6 +158,22 @@ _CREATE_LOOKUPS = (
     .outerjoin(Subnet.__table__, _S.network_id == _N.id)
     .order_by(_S.created_at, _S.id))
 _NF, _NI = len(_FLAVOR_COLUMNS), len(_IMAGE_COLUMNS)
+# The same for many requests at once (PostgreSQL): the keys as arrays, one row per key and
+# subnet, each starting with the key's position (1-based).
+_KEYS = func.unnest(*(bindparam(name, type_=postgresql.ARRAY(Text))
+                      for name in ("flavor_ids", "image_ids", "project_ids", "network_ids"))
+                    ).table_valued("flavor_id", "image_id", "project_id", "network_id",
+                                   with_ordinality="n").render_derived("k")
+_CREATE_LOOKUPS_MANY = (
+    select(_KEYS.c.n, *_FLAVOR_COLUMNS, *_IMAGE_COLUMNS,
+           select(_G.security_group_id).where(_G.project_id == _KEYS.c.project_id).scalar_subquery(),
+           *_NETWORK_COLUMNS, *_SUBNET_COLUMNS)
+    .select_from(_KEYS
+                 .outerjoin(Flavor.__table__, _F.id == _KEYS.c.flavor_id)
+                 .outerjoin(Image.__table__, _I.id == _KEYS.c.image_id)
+                 .outerjoin(Network.__table__, _N.id == _KEYS.c.network_id)
+                 .outerjoin(Subnet.__table__, _S.network_id == _N.id))
+    .order_by(_KEYS.c.n, _S.created_at, _S.id))
 _NN = len(_NETWORK_COLUMNS)
 Networks = dict[str, tuple[Network, list[Subnet]]]
 
@@ -177,17 +194,25 @@ def _network_rows(rows: Any, offset: int, found: Networks) -> None:
             entry[1].append(Subnet(**{c.key: v for c, v in zip(_SUBNET_COLUMNS, values, strict=True)}))
 
 
-async def _lookups(session: AsyncSession, ctx: RequestContext, body: dict[str, Any],
-                   networks: Networks) -> tuple[Flavor, Image, str | None]:
-    """The flavor, the image and the project's default security group id, in one statement
-    (each checked, and failing, as Nova does: flavor first, then the image). When the request
-    names one network, it and its subnets come with them (into ``networks``)."""
+LookupKey = tuple[str, str, str, str]  # flavor id, image id, project id, network id ("": none)
+
+
+def lookup_key(ctx: RequestContext, payload: Any) -> LookupKey:
+    """What ``_CREATE_LOOKUPS`` reads for this request (what does not parse reads nothing:
+    ``_lookups`` reports it)."""
+    body = payload.get("server") if isinstance(payload, dict) else None
+    if not isinstance(body, dict):
+        return ("", "", ctx.project_id or "", "")
     flavor_ref = body.get("flavorRef")
-    if flavor_ref in (None, ""):
-        raise bad_request("Missing flavorRef attribute.")
-    flavor_id = _ref_id(flavor_ref)
+    wanted = _wanted_networks(body.get("networks"))
+    return (_ref_id(flavor_ref) if flavor_ref not in (None, "") else "", _image_id(body)[0] or "",
+            ctx.project_id or "", next(iter(wanted)) if len(wanted) == 1 else "")
+
+
+def _image_id(body: dict[str, Any]) -> tuple[str | None, ApiError | None]:
+    """The image to boot from (``imageRef`` or the boot mapping's), or the error to report
+    once the flavor is checked."""
     image_ref, bdms = body.get("imageRef"), body.get("block_device_mapping_v2")
-    image_error: ApiError | None = None
     image_id: str | None = None
     try:
         image_id = _ref_id(image_ref) if image_ref else _boot_image_from_bdm(bdms)
@@ -196,11 +221,25 @@ async def _lookups(session: AsyncSession, ctx: RequestContext, body: dict[str, A
         if not image_id:
             raise bad_request("Missing imageRef attribute.")
     except ApiError as exc:
-        image_error = exc
-    wanted = _wanted_networks(body.get("networks"))
-    rows = (await session.execute(_CREATE_LOOKUPS, {
-        "flavor_id": flavor_id, "image_id": image_id or "", "project_id": ctx.project_id,
-        "network_id": next(iter(wanted)) if len(wanted) == 1 else ""})).all()
+        return image_id, exc
+    return image_id, None
+
+
+async def _lookups(session: AsyncSession, ctx: RequestContext, body: dict[str, Any],
+                   networks: Networks, rows: Sequence[Sequence[Any]] | None = None
+                   ) -> tuple[Flavor, Image, str | None]:
+    """The flavor, the image and the project's default security group id, in one statement
+    (each checked, and failing, as Nova does: flavor first, then the image). When the request
+    names one network, it and its subnets come with them (into ``networks``). ``rows``: that
+    statement's rows, already read (``lookups_many``)."""
+    flavor_ref = body.get("flavorRef")
+    if flavor_ref in (None, ""):
+        raise bad_request("Missing flavorRef attribute.")
+    flavor_id = _ref_id(flavor_ref)
+    image_id, image_error = _image_id(body)
+    if rows is None:
+        key = lookup_key(ctx, {"server": body})
+        rows = (await lookups_many(session, [key]))[key]
     _network_rows(rows, _NF + _NI + 1, networks)
     row = rows[0]
     f, i, group_id = row[:_NF], row[_NF:_NF + _NI], row[_NF + _NI]
@@ -217,6 +256,28 @@ async def _lookups(session: AsyncSession, ctx: RequestContext, body: dict[str, A
     flavor = Flavor(**{c.key: v for c, v in zip(_FLAVOR_COLUMNS, f, strict=True)})
     image = Image(**{c.key: v for c, v in zip(_IMAGE_COLUMNS, i, strict=True)})
     return flavor, image, group_id
+
+
+async def lookups_many(session: AsyncSession, keys: Iterable[LookupKey]
+                       ) -> dict[LookupKey, Sequence[Sequence[Any]]]:
+    """``_CREATE_LOOKUPS``' rows for each key: on PostgreSQL one statement for all of them (the
+    keys as arrays, ``unnest``), elsewhere one statement per key."""
+    distinct = list(dict.fromkeys(keys))
+    found: dict[LookupKey, list[Sequence[Any]]] = {key: [] for key in distinct}
+    if session.get_bind().dialect.name == "postgresql" and len(distinct) > 1:
+        columns = list(zip(*distinct, strict=True))
+        rows = await session.execute(_CREATE_LOOKUPS_MANY, {
+            "flavor_ids": list(columns[0]), "image_ids": list(columns[1]),
+            "project_ids": list(columns[2]), "network_ids": list(columns[3])})
+        for row in rows:
+            found[distinct[row[0] - 1]].append(row[1:])
+        return found
+    for key in distinct:
+        flavor_id, image_id, project_id, network_id = key
+        found[key] = (await session.execute(_CREATE_LOOKUPS, {
+            "flavor_id": flavor_id, "image_id": image_id, "project_id": project_id,
+            "network_id": network_id})).all()
+    return found
 
 
 def _wanted_networks(value: Any) -> set[str]:
@@ -354,7 +415,9 @@ async def _availability_zone(session: AsyncSession, ctx: RequestContext,
     return zone, host
 
 
-async def parse_create(session: AsyncSession, ctx: RequestContext, payload: Any) -> CreateRequest:
+async def parse_create(session: AsyncSession, ctx: RequestContext, payload: Any,
+                       lookup_rows: Sequence[Sequence[Any]] | None = None) -> CreateRequest:
+    """``lookup_rows``: what ``lookups_many`` read for this request's ``lookup_key``."""
     if not isinstance(payload, dict) or not isinstance(payload.get("server"), dict):
         raise bad_request("Invalid input for request: 'server' is a required property")
     body: dict[str, Any] = payload["server"]
@@ -367,7 +430,7 @@ async def parse_create(session: AsyncSession, ctx: RequestContext, payload: Any)
     zone, requested_host = await _availability_zone(session, ctx, body.get("availability_zone"))
     name = _name(body)
     known: Networks = {}
-    flavor, image, default_group_id = await _lookups(session, ctx, body, known)
+    flavor, image, default_group_id = await _lookups(session, ctx, body, known, lookup_rows)
     return CreateRequest(
         name=name,
         flavor=flavor,

@@ -237,23 +237,19 @@ async def list_servers_detail(request: Request, ctx: RequestContext = Depends(re
 
 
 @router.post("/servers", status_code=202)
-async def create_server(request: Request, ctx: RequestContext = Depends(require_context),
-                        session: AsyncSession = Depends(get_db)) -> JSONResponse:
+async def create_server(request: Request, ctx: RequestContext = Depends(require_context)) -> JSONResponse:
     require_write(ctx)
     project_id = require_project_scope(ctx)
     payload = await _json(request)
     batcher: CreateBatcher | None = getattr(request.app.state, "create_batcher", None)
     req = None
+    server_ids: list[str] = []
     if batcher is not None and create_batch.batchable_body(payload):
-        # The lookups need no transaction (BEGIN and COMMIT would be two more round trips);
-        # the writes share one with the other creates of the moment.
-        await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        req = await server_create.parse_create(session, ctx, payload)
-        await session.close()
-    if req is not None and create_batch.batchable(req):
-        assert batcher is not None
-        server_ids = [await batcher.create(ctx, req)]  # the batcher wakes the controller
-    else:
+        # Parsed and written with the other creates of the moment (one statement reads what
+        # they all need, one transaction writes them); the batcher wakes the controller.
+        server_id, req = await batcher.create(ctx, payload=payload)
+        server_ids = [server_id] if server_id else []
+    if not server_ids:
         async with request.app.state.sessionmaker() as writer, writer.begin():
             if req is None:
                 req = await server_create.parse_create(writer, ctx, payload)
