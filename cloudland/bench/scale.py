@@ -584,7 +584,7 @@ class ScaleBench:
         admin_token = await self.token(password, None)
         tokens = [await self.token(password, pid, admin_token) for pid in self.projects]
 
-        await self.controller_stats(reset=True)
+        passes0 = (await self.controller_stats(reset=True)).get("passes", 0)
         cpu0 = {p.name: p.cpu() for p in (controller, *apis)}
         roles0 = self.cpu_by_role()
         t0 = time.monotonic()
@@ -623,6 +623,10 @@ class ScaleBench:
             "heartbeat_lag_max_s": stats.get("heartbeat_lag", {}).get("max", 0.0),
             "controller_pass_p50_s": stats.get("pass_seconds", {}).get("p50", 0.0),
             "controller_pass_max_s": stats.get("pass_seconds", {}).get("max", 0.0),
+            "controller_passes": stats.get("passes", 0) - passes0,
+            # Wall seconds of the launch's passes by phase (applying reports, collecting work,
+            # scheduling, converging: building and sending specs).
+            "controller_phase_seconds": stats.get("pass_phase_seconds", {}),
             "cpu_seconds_by_role": roles,
             "relays": len(self.relays),
             # Heartbeats the controller's own relay forwarded (all of them without leaf relays).
@@ -678,7 +682,8 @@ def report(f: dict[str, Any]) -> str:
         f"over {f['list_pages']} pages ({f['list_servers_seen']} servers)",
         f"controller          CPU {f['controller_cpu_percent']:.0f}% of a core during the launch, "
         f"peak RSS {f['controller_peak_rss_mb']:.0f} MiB; pass p50 {s(f['controller_pass_p50_s'], 'ms')}, "
-        f"max {s(f['controller_pass_max_s'], 'ms')}",
+        f"max {s(f['controller_pass_max_s'], 'ms')}; {f.get('controller_passes', 0)} passes, wall s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in f.get("controller_phase_seconds", {}).items()),
         f"API ({f['api_workers']} workers)     CPU {f['api_cpu_percent']:.0f}% of a core "
         f"({f.get('api_cpu_ms_per_create', 0):.1f} ms per create), "
         f"peak RSS {f['api_peak_rss_mb']:.0f} MiB total",

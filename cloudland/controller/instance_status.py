@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, bindparam, select, update
+from sqlalchemy import Select, Update, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
@@ -99,6 +99,13 @@ _instances = Instance.__table__
 # What a report reads and may change (``_Row``'s order); only the last six are ever written.
 _READ = ("id", "host", "deleted", "deleted_at", "reboot_generation")
 _WRITTEN = ("vm_state", "task_state", "power_state", "desired_power", "launched_at", "fault")
+
+
+@per_dialect
+def _port_status_stmt(one_of: OneOf) -> Update:
+    ports = Port.__table__
+    return (update(ports).where(one_of(ports.c.device_id, "ids"), ports.c.status != bindparam("new_status"))
+            .values(status=bindparam("new_status")))
 
 
 @per_dialect
@@ -194,6 +201,5 @@ async def apply_statuses(session: AsyncSession, statuses: Iterable[InstanceStatu
     for value, ids in port_status.items():
         if ids:
             # Neutron: a port is ACTIVE while its guest runs (its tap is plugged and up).
-            await session.execute(update(Port).where(Port.device_id.in_(ids), Port.status != value)
-                                  .values(status=value))
+            await session.execute(_port_status_stmt(session), {"ids": ids, "new_status": value})
     return outcome

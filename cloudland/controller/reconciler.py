@@ -75,6 +75,15 @@ class InFlight:
     sent_at: float
 
 
+def _reached(fingerprint: tuple[object, ...], status: InstanceStatus) -> bool:
+    """The host reports what the command with this fingerprint asked for (``_matches``)."""
+    if fingerprint[0] != "present":
+        return False
+    generation = fingerprint[2]
+    return (status.state == fingerprint[1] and isinstance(generation, int)
+            and status.reboot_generation >= generation)
+
+
 class Reconciler:
     """All state is in memory and rebuilt from reports; the database holds desired state."""
 
@@ -130,6 +139,8 @@ class Reconciler:
         self._reported_networks: dict[str, set[str]] = {}
         self._peers_of: set[str] = set()  # networks whose member hosts need fresh peer lists
         self._sweep_marker = ""
+        # Wall seconds spent in each phase of the passes (the controller's stats).
+        self.phase_seconds: defaultdict[str, float] = defaultdict(float)
 
     # --- reports (called from the NATS callbacks; no I/O) ------------------------------------
 
@@ -140,6 +151,12 @@ class Reconciler:
             self.inflight.pop((status.host_id, status.instance_id), None)
         else:
             states[status.instance_id] = status
+            # The command's work is done: no longer in flight (else the expiry scan in
+            # ``_collect`` would walk every command of the last ``command_timeout`` seconds).
+            key = (status.host_id, status.instance_id)
+            flight = self.inflight.get(key)
+            if flight is not None and _reached(flight.fingerprint, status):
+                del self.inflight[key]
         self._digests.pop(status.host_id, None)
         self.pending_reports.append(status)
 
@@ -201,16 +218,27 @@ class Reconciler:
             log.warning("host %s is down (no heartbeat for %.0fs)", host, self.hosts.down_after)
             self.hosts_changed.add(host)
             self.synced.discard(host)
+        started = time.monotonic()
         await self.flush_reports()
+        started = self._timed("reports", started)
         async with self.sessionmaker() as session, session.begin():
             await self.hosts.persist(session)
             disabled = set(await session.scalars(select(Host.id).where(Host.enabled.is_(False))))
             self.hosts.set_disabled(disabled)
             await self._collect(session, sweep)
+        started = self._timed("collect", started)
         if self.clock() >= self.schedule_after:
             await self.schedule()
+        started = self._timed("schedule", started)
         await self.converge()
         await self._send_peer_updates()
+        self._timed("converge", started)
+
+    def _timed(self, phase: str, since: float) -> float:
+        """Adds the seconds since ``since`` to the phase's total (``phase_seconds``); returns now."""
+        now = time.monotonic()
+        self.phase_seconds[phase] += now - since
+        return now
 
     async def flush_reports(self) -> None:
         if not self.pending_reports and not self.pending_restores:
@@ -231,7 +259,7 @@ class Reconciler:
         for host, iid in outcome.strays:
             await self._send_absent(host, iid)
 
-    async def _peer_updates(self, session: AsyncSession) -> None:
+    async def _peer_updates(self, session: AsyncSession, memo: dict[str, set[str]] | None = None) -> None:
         """Networks whose membership changed: one ``NetworkPeers`` each (sent after the pass),
         not a spec to every member. Without a broadcast channel every member gets a spec."""
         if not self._peers_of:
@@ -242,7 +270,7 @@ class Reconciler:
         linked = await specs.router_specs.linked_networks(session, nets)
         via_router = {m for n in nets for m in linked.get(n, ())} - nets
         nets = nets | via_router
-        members = await specs.hosts_of_networks(session, nets)
+        members = await specs.hosts_of_networks(session, nets, memo)
         # Remote-group member sets travel in full specs, not in NetworkPeers.
         # So do routers' static neighbours.
         with_groups: set[str] = set()
@@ -479,8 +507,9 @@ class Reconciler:
                 self.members.ports_changed(freed)
             if synced_statuses:
                 await self._after_reports(await apply_statuses(session, synced_statuses))
-            await self._peer_updates(session)
-            commands = await self._build_commands(session, ensure)
+            memo: dict[str, set[str]] = {}  # network members, read once for both
+            await self._peer_updates(session, memo)
+            commands = await self._build_commands(session, ensure, memo)
         return commands, absent
 
     async def _load(self, session: AsyncSession, ids: set[str]) -> list[InstanceRow]:
@@ -490,8 +519,9 @@ class Reconciler:
         rows = await session.execute(_load_stmt(session), {"ids": sorted(ids)})
         return [InstanceRow(row) for row in rows]
 
-    async def _build_commands(self, session: AsyncSession,
-                              ensure: dict[str, list[InstanceRow]]) -> list[tuple[str, HostCommand]]:
+    async def _build_commands(self, session: AsyncSession, ensure: dict[str, list[InstanceRow]],
+                              members_memo: dict[str, set[str]] | None = None
+                              ) -> list[tuple[str, HostCommand]]:
         """Network commands first (the agent plugs ports into existing bridges), then instances."""
         instances = [i for items in ensure.values() for i in items]
         ports = await specs.instance_ports(session, [i.id for i in instances])
@@ -513,7 +543,8 @@ class Reconciler:
         commands: list[tuple[str, HostCommand]] = []
         force = {(h, p.network_id) for h, items in ensure.items() for i in items for p in ports[i.id]}
         bindings = specs.router_specs.GatewayBindings()
-        net_specs = await specs.network_specs(session, pairs, self._peer_address, bindings, self.members)
+        net_specs = await specs.network_specs(session, pairs, self._peer_address, bindings, self.members,
+                                              members_memo)
         if bindings.new:  # a host got its gateway port on an external network: it needs that network
             self.dirty_nets.update(bindings.new)
             self._peers_of.update(net for _, net in bindings.new)

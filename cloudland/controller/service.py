@@ -288,12 +288,15 @@ class ControllerService:
     async def _on_stats(self, msg: Msg) -> None:
         if b"reset" in msg.data:
             self.stats.reset()
+            if self.reconciler is not None:
+                self.reconciler.phase_seconds.clear()
         up = sum(1 for h in self.hosts.hosts.values() if h.up)
         extra = {"hosts": len(self.hosts.hosts), "hosts_up": up,
                  "synced": len(self.reconciler.synced) if self.reconciler else 0,
                  "heartbeat_batches": self.heartbeat_batches, "bad_heartbeats": self.bad_heartbeats,
                  "stale_heartbeats": self.stale_heartbeats,
-                 "relayed_in_process": self.relay.relayed if self.relay else 0}
+                 "relayed_in_process": self.relay.relayed if self.relay else 0,
+                 "pass_phase_seconds": dict(self.reconciler.phase_seconds) if self.reconciler else {}}
         with contextlib.suppress(Exception):
             await msg.respond(self.stats.encode(extra))
 

@@ -227,10 +227,18 @@ async def networks_of_hosts(session: AsyncSession, host_ids: Iterable[str]) -> d
     return result
 
 
-async def hosts_of_networks(session: AsyncSession, network_ids: Iterable[str]) -> dict[str, set[str]]:
-    """{network: hosts that carry it} (``networks_of_hosts`` the other way round)."""
-    nets = list(network_ids)
+async def hosts_of_networks(session: AsyncSession, network_ids: Iterable[str],
+                            memo: dict[str, set[str]] | None = None) -> dict[str, set[str]]:
+    """{network: hosts that carry it} (``networks_of_hosts`` the other way round).
+
+    ``memo``: networks already read in this transaction (not read again), and where the ones
+    read now go: one pass asks for the members of mostly the same networks more than once."""
+    asked = list(network_ids)
+    known = {n: memo[n] for n in asked if n in memo} if memo is not None else {}
+    nets = [n for n in asked if n not in known]
     result: dict[str, set[str]] = {n: set() for n in nets}
+    if memo is not None:
+        memo.update(result)  # filled in below (the same sets)
     if nets:
         await session.flush()
         linked = await router_specs.linked_networks(session, nets)
@@ -240,8 +248,8 @@ async def hosts_of_networks(session: AsyncSession, network_ids: Iterable[str]) -
         for net, host in rows:
             direct[net].add(host)
         for net in nets:
-            result[net] = direct[net] | {h for m in linked.get(net, ()) for h in direct[m]}
-    return result
+            result[net].update(direct[net], *(direct[m] for m in linked.get(net, ())))
+    return {**result, **known}
 
 
 HostNetwork = tuple[str, str]
@@ -265,13 +273,15 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
                         peer_address: Callable[[str], str | None],
                         bindings: router_specs.GatewayBindings | None = None,
                         member_index: GroupMemberIndex | None = None,
+                        members_memo: dict[str, set[str]] | None = None,
                         ) -> dict[HostNetwork, NetworkSpec | None]:
     """NetworkSpec per (host, network); None where the host has no port on it any more.
 
     ``peer_address`` gives the underlay address of an up host (None when down or unknown).
     Gateway ports bound to a host while building routers are added to ``bindings``: those
     hosts need the external network's spec too. Remote groups' members come from
-    ``member_index`` when given, else from the database.
+    ``member_index`` when given, else from the database. ``members_memo``: as
+    ``hosts_of_networks``' memo.
     """
     wanted = set(pairs)
     if not wanted:
@@ -296,7 +306,7 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
             dhcp.setdefault(port.network_id, spec)
         elif port.binding_host_id in hosts:
             local[(port.binding_host_id, port.network_id)].append(spec)
-    members = await hosts_of_networks(session, net_ids)
+    members = await hosts_of_networks(session, net_ids, members_memo)
     # Addresses per network once (not per host: a network may span thousands of hosts).
     addresses = {net: sorted({a for h in hosts for a in [peer_address(h)] if a})
                  for net, hosts in members.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import socket
 from collections import defaultdict
 from typing import Any
 
@@ -149,7 +150,7 @@ async def allocate(session: AsyncSession, port: Port, subnet: Subnet, ip: str | 
     if sum(end - start + 1 for start, end in ranges) > SMALL_POOL:
         return await _allocate_windowed(session, port, subnet, ranges, version)
     rows = await session.scalars(select(IpAllocation.ip_address).where(IpAllocation.subnet_id == subnet.id))
-    used = {int(ipaddress.ip_address(a)) for a in rows}
+    used = {address_int(a) for a in rows}
     if subnet.gateway_ip:
         used.add(int(ipaddress.ip_address(subnet.gateway_ip)))
     for _ in range(MAX_ATTEMPTS):
@@ -445,6 +446,15 @@ async def disassociate_stale_floating_ips(session: AsyncSession, port_id: str) -
 
 
 
+def address_int(text: str) -> int:
+    """An address as stored (canonical text) as an integer; ``int(ip_address(text))``, ~20 times
+    faster (pools are read whole, a few hundred addresses per create)."""
+    try:
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except OSError:
+        return int(ipaddress.ip_address(text))
+
+
 async def allocate_many(session: AsyncSession,
                         wanted: list[tuple[str, str, Subnet]]) -> dict[tuple[str, str], str]:
     """Automatic addresses for many ports at once: ``(port id, MAC, subnet)`` → the address, by
@@ -465,7 +475,7 @@ async def allocate_many(session: AsyncSession,
             rows = await session.execute(select(IpAllocation.subnet_id, IpAllocation.ip_address)
                                          .where(IpAllocation.subnet_id.in_(sorted(small))))
             for subnet_id, ip in rows:
-                used[subnet_id].add(int(ipaddress.ip_address(ip)))
+                used[subnet_id].add(address_int(ip))
         need_big: dict[str, int] = defaultdict(int)
         big: dict[str, Subnet] = {}
         for _, _, s in pending:
