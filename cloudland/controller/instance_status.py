@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, Update, bindparam, select, update
+from sqlalchemy import Select, Update, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
@@ -128,6 +130,18 @@ class _Row:
         return tuple(getattr(self, name) for name in _WRITTEN)
 
 
+@cache
+def _write_pg(names: tuple[str, ...]) -> Update:
+    """PostgreSQL: one UPDATE of every row with these changed columns, the values as parallel
+    arrays (``unnest``), instead of one execution per row."""
+    columns = ("id", *names)
+    keys = (func.unnest(*(bindparam(f"b_{name}", type_=postgresql.ARRAY(_instances.c[name].type))
+                          for name in columns))
+            .table_valued(*(f"b_{name}" for name in columns)).render_derived("k"))
+    return (update(_instances).where(_instances.c.id == keys.c.b_id)
+            .values(updated_at=bindparam("now"), **{name: keys.c[f"b_{name}"] for name in names}))
+
+
 async def _write(session: AsyncSession, changes: list[tuple[str, dict[str, Any]]]) -> None:
     """One executemany UPDATE per set of changed columns (as the ORM's flush would), with
     updated_at; instances of the session's identity map (a caller's ORM objects) get the values
@@ -136,7 +150,12 @@ async def _write(session: AsyncSession, changes: list[tuple[str, dict[str, Any]]
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for iid, values in changes:
         groups[tuple(values)].append({"b_id": iid, **{f"b_{k}": v for k, v in values.items()}})
+    postgres = session.get_bind().dialect.name == "postgresql"
     for names, params in groups.items():
+        if postgres and len(params) > 1 and "fault" not in names:
+            await session.execute(_write_pg(names), {"now": now, **{
+                f"b_{name}": [p[f"b_{name}"] for p in params] for name in ("id", *names)}})
+            continue
         statement = (update(_instances).where(_instances.c.id == bindparam("b_id"))
                      .values(updated_at=now, **{name: bindparam(f"b_{name}") for name in names}))
         await session.execute(statement, params)

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import String, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.config import ControllerConfig
@@ -154,14 +155,45 @@ _instances = Instance.__table__
 _ports = Port.__table__
 
 
+def _keys(*names: str) -> Any:
+    """``unnest(:k_a, :k_b, ...) AS k(a, b, ...)``: rows from parallel arrays, one statement for all."""
+    return (func.unnest(*(bindparam(f"k_{name}", type_=postgresql.ARRAY(String)) for name in names))
+            .table_valued(*names).render_derived("k"))
+
+
+_CLAIM_KEYS = _keys("id", "host", "zone")
+_CLAIM_PG = (update(_instances)
+             .where(_instances.c.id == _CLAIM_KEYS.c.id, _instances.c.host.is_(None),
+                    _instances.c.deleted.is_(False))
+             .values(host=_CLAIM_KEYS.c.host, task_state="spawning", updated_at=bindparam("now"),
+                     availability_zone=func.coalesce(_instances.c.availability_zone, _CLAIM_KEYS.c.zone))
+             .returning(_instances.c.id))
+_BIND_KEYS = _keys("id", "host")
+_BIND_PG = (update(_ports).where(_ports.c.device_id == _BIND_KEYS.c.id)
+            .values(binding_host_id=_BIND_KEYS.c.host)
+            .returning(_ports.c.device_id, _ports.c.network_id))
+
+
 async def claim_many(session: AsyncSession, picks: list[tuple[str, HostInfo]]) -> dict[str, set[str]]:
-    """``claim`` for many instances with a fixed number of statements (executemany): the
-    conditional UPDATE per instance, then a read of who holds each row, then the ports.
-    Returns {claimed instance id: the networks of its ports}. Core statements: the ORM objects
-    in the session are not touched (re-read them if needed)."""
+    """``claim`` for many instances with a fixed number of statements: on PostgreSQL one
+    conditional UPDATE of all instances (the picks as arrays) returning those claimed, and one
+    of their ports returning their networks; elsewhere executemany, then reads. Returns
+    {claimed instance id: the networks of its ports}. Core statements: the ORM objects in the
+    session are not touched (re-read them if needed)."""
     if not picks:
         return {}
     now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        claimed = {iid: set() for iid in await session.scalars(_CLAIM_PG, {
+            "k_id": [iid for iid, _ in picks], "k_host": [h.id for _, h in picks],
+            "k_zone": [h.zone for _, h in picks], "now": now})}
+        if claimed:
+            host_of = {iid: h.id for iid, h in picks}
+            rows = await session.execute(_BIND_PG, {"k_id": list(claimed),
+                                                    "k_host": [host_of[i] for i in claimed]})
+            for device, net in rows:
+                claimed[device].add(net)
+        return claimed
     await session.execute(
         update(_instances).where(_instances.c.id == bindparam("b_id"), _instances.c.host.is_(None),
                                  _instances.c.deleted.is_(False))

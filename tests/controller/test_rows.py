@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from cloudland.bus.messages import InstanceStatus
 from cloudland.controller.hosts import HostInfo
@@ -112,3 +113,42 @@ async def test_finalize_keeps_user_ports(app: Any) -> None:
         assert await s.get(Port, ids[1]) is None
         inst = await s.get(Instance, iid)
         assert inst is not None and inst.deleted and inst.vm_state == "deleted" and inst.terminated_at
+
+
+async def test_claims_and_reports_in_one_statement(app: Any) -> None:
+    """``claim_many`` and ``apply_statuses`` for many rows at once (on PostgreSQL one statement
+    each, the rows as arrays): only unclaimed live instances are claimed, their ports bound and
+    their networks returned; each reported row gets its own values."""
+    from cloudland.controller.scheduler import claim_many
+    from cloudland.db.models import Network, Port
+
+    free = [await make_instance(app, availability_zone=None) for _ in range(3)]
+    taken = await make_instance(app, host="h9")
+    deleted = await make_instance(app, deleted=True)
+    async with app.state.sessionmaker() as s, s.begin():
+        s.add_all([Network(id=f"net-{n}", name=f"net-{n}", project_id="p", segmentation_id=200 + n)
+                   for n in range(2)])
+        await s.flush()
+        for n, iid in enumerate([*free, taken]):
+            s.add(Port(network_id=f"net-{n % 2}", project_id="p", mac_address=f"fa:16:3e:00:00:0{n}",
+                       device_id=iid, device_owner="compute:nova"))
+    hosts = [HostInfo(id="h1", zone="az1"), HostInfo(id="h2"), HostInfo(id="h1", zone="az1")]
+    async with app.state.sessionmaker() as s, s.begin():
+        claimed = await claim_many(s, [*zip(free, hosts, strict=True), (taken, HostInfo(id="h2")),
+                                       (deleted, HostInfo(id="h2"))])
+    assert claimed == {free[0]: {"net-0"}, free[1]: {"net-1"}, free[2]: {"net-0"}}
+    async with app.state.sessionmaker() as s:
+        rows = {i.id: i for i in (await s.scalars(select(Instance))).all()}
+        bound = {p.device_id: p.binding_host_id for p in (await s.scalars(select(Port))).all()}
+    assert [(rows[i].host, rows[i].availability_zone, rows[i].task_state) for i in free] == [
+        ("h1", "az1", "spawning"), ("h2", "nova", "spawning"), ("h1", "az1", "spawning")]
+    assert rows[taken].host == "h9" and rows[deleted].host is None
+    assert bound == {free[0]: "h1", free[1]: "h2", free[2]: "h1", taken: ""}
+    reports = [status(free[0], "running"), status(free[1], "running", host="h2"), status(free[2], "stopped")]
+    async with app.state.sessionmaker() as s, s.begin():
+        await apply_statuses(s, reports)
+    async with app.state.sessionmaker() as s:
+        rows = {i.id: i for i in (await s.scalars(select(Instance))).all()}
+    assert [(rows[i].vm_state, rows[i].power_state, rows[i].task_state) for i in free] == [
+        ("active", 1, None), ("active", 1, None), ("stopped", 4, "spawning")]  # not desired: still spawning
+    assert rows[free[0]].launched_at is not None and rows[free[1]].launched_at is not None
