@@ -68,6 +68,10 @@ class ComputeConfig(Section):
     # Concurrent server creates of an API process share one transaction (group commit; see
     # cloudland/api/compute/create_batch.py). Off: one transaction per request.
     batch_creates: bool = True
+    # Creates are refused (429, Retry-After) while this many servers wait to be placed by the
+    # controller: a bounded queue instead of a backlog that grows while the controller is
+    # behind or down (cloudland/api/compute/admission.py). 0: no limit.
+    max_pending_builds: int = 10000
 
 
 class AgentConfig(Section):

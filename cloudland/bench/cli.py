@@ -41,6 +41,9 @@ def scale(
     relays: Annotated[bool, typer.Option(
         "--relays/--no-relays", help="Heartbeat relays on the rack leaves (else the controller's "
                                      "in-process relay takes every heartbeat)")] = True,
+    max_pending_builds: Annotated[int, typer.Option(
+        min=0, help="compute.max_pending_builds: creates get 429 while this many servers wait to "
+                    "be placed (the clients send them again after Retry-After); 0: no limit")] = 10000,
 ) -> None:
     """Launch VMS servers on HYPERVISORS simulated hypervisors through the real API; print figures."""
     from cloudland.bench.scale import ScaleOptions, report, run_scale
@@ -51,6 +54,7 @@ def scale(
                         heartbeat_seconds=heartbeat, host_down_seconds=host_down, work_dir=work_dir,
                         timeout=timeout, vms_per_network=vms_per_network, prefill=prefill,
                         remote_group_rules=remote_group_rules, relays=relays,
+                        max_pending_builds=max_pending_builds,
                         log=lambda m: typer.echo(f"[{time.strftime('%H:%M:%S')}] {m}"))
     try:
         import uvloop

@@ -57,6 +57,7 @@ class ScaleOptions:
     kill_group: int = 100
     relays: bool = True  # heartbeat relays on the rack leaves (else the controller's takes them all)
     leaves_per_relay_process: int = 5
+    max_pending_builds: int = 10000  # compute.max_pending_builds (admission control; 0: off)
     heartbeat_seconds: float = 2.0
     host_down_seconds: float = 10.0
     timeout: float = 1800.0
@@ -122,6 +123,7 @@ class Launch:
     errors: set[str] = field(default_factory=set)
     rejected: int = 0
     rejections: dict[int, int] = field(default_factory=dict)
+    throttled: int = 0  # 429s (admission control): sent again after Retry-After, not rejected
     first_sent: float = 0.0
     last_sent: float = 0.0
 
@@ -165,7 +167,8 @@ class ScaleBench:
                 "api": {"listen_port": self.port, "public_url": f"http://127.0.0.1:{self.port}"},
                 "database": {"url": db_url},
                 "nats": {"url": nats_url, "bundled": False},
-                "compute": {"quota_instances": -1, "quota_cores": -1, "quota_ram": -1},
+                "compute": {"quota_instances": -1, "quota_cores": -1, "quota_ram": -1,
+                            "max_pending_builds": self.o.max_pending_builds},
                 "agent": {"heartbeat_seconds": self.o.heartbeat_seconds},
                 "controller": {"host_down_seconds": self.o.host_down_seconds}}
         path = self.work / "cloudland.toml"
@@ -396,13 +399,19 @@ class ScaleBench:
                 project, network_id = self.networks[i % len(self.networks)]
                 body = {"server": {"name": f"vm-{i}", "imageRef": self.image_id, "flavorRef": "bench",
                                    "networks": [{"uuid": network_id}]}}
-                sent = time.time()
-                try:
-                    status, _, reply = await conn.request("POST", f"{V21}/servers", body,
-                                                          {"X-Auth-Token": tokens[project]})
-                except (OSError, asyncio.IncompleteReadError):
-                    status, reply = 0, None
-                    conn.close()
+                while True:
+                    sent = time.time()
+                    try:
+                        status, headers, reply = await conn.request("POST", f"{V21}/servers", body,
+                                                                    {"X-Auth-Token": tokens[project]})
+                    except (OSError, asyncio.IncompleteReadError):
+                        status, reply = 0, None
+                        conn.close()
+                    if status != 429:
+                        break
+                    # Admission control (compute.max_pending_builds): as a client with backoff.
+                    result.throttled += 1
+                    await asyncio.sleep(float(headers.get("retry-after", "1")))
                 if status == 202 and reply:
                     result.sent[reply["server"]["id"]] = sent
                 else:
@@ -428,7 +437,8 @@ class ScaleBench:
             await asyncio.sleep(30)
             elapsed = time.monotonic() - started
             self.o.log(f"{len(result.sent)} creates accepted in {elapsed:.0f}s "
-                       f"({len(result.sent) / elapsed:.0f}/s), {result.rejected} rejected")
+                       f"({len(result.sent) / elapsed:.0f}/s), {result.rejected} rejected, "
+                       f"{result.throttled} throttled (429)")
 
     async def still_building(self, token: str) -> bool:
         """Whether any server is still building: one brief row (``status=BUILD&limit=1``). The
@@ -607,6 +617,7 @@ class ScaleBench:
             "rate_limit": o.rate, "remote_group_rules": o.remote_group_rules,
             "succeeded": succeeded, "failed": o.vms - succeeded, "errors": len(launch.errors),
             "rejected": launch.rejected, "rejections": {str(k): v for k, v in launch.rejections.items()},
+            "throttled": launch.throttled, "max_pending_builds": o.max_pending_builds,
             "success_rate": succeeded / o.vms if o.vms else 1.0,
             "vms_per_second": succeeded / span if span > 0 else 0.0,
             "create_requests_per_second": len(launch.sent) / max(1e-9, launch.last_sent - launch.first_sent),
@@ -673,7 +684,8 @@ def report(f: dict[str, Any]) -> str:
         f"networks {f['networks']}"
         + ("" if f.get("remote_group_rules", True) else ", default group without remote-group rules"),
         f"success rate        {100 * f['success_rate']:.3f}% ({f['succeeded']} ACTIVE, {f['errors']} ERROR, "
-        f"{f['rejected']} rejected {f['rejections'] or ''})",
+        f"{f['rejected']} rejected {f['rejections'] or ''}; {f.get('throttled', 0)} creates throttled "
+        f"by admission control and sent again)",
         f"sustained           {f['vms_per_second']:.1f} VMs/s (create requests "
         f"{f['create_requests_per_second']:.1f}/s)",
         f"create -> ACTIVE    p50 {s(f['create_to_active_p50_s'], 'ms')}, "

@@ -168,3 +168,32 @@ async def test_errors_in_a_batch(client: httpx.AsyncClient, demo_token: str, see
     async with app.state.sessionmaker() as s:
         names = set(await s.scalars(select(Instance.name).where(Instance.deleted_at.is_(None))))
     assert names == {"good-1", "good-2", "named-default"} and len(created) == 3
+
+
+@pytest.mark.both_databases
+async def test_admission_control(client: httpx.AsyncClient, demo_token: str, seed: Seed, app,
+                                 config) -> None:  # type: ignore[no-untyped-def]
+    """``compute.max_pending_builds``: while that many servers wait to be placed, creates get
+    Nova's 429 ``overLimit`` with Retry-After and write nothing; once the controller places
+    them (here: a host written on the rows), creates are taken again."""
+    from sqlalchemy import update
+
+    from cloudland.api.compute.admission import BuildBacklog
+
+    config.compute.quota_instances = config.compute.quota_cores = config.compute.quota_ram = -1
+    await _default_group(client, demo_token)
+    app.state.build_backlog = backlog = BuildBacklog(app.state.sessionmaker, 5, interval=0.0)
+    replies = await _many(client, demo_token, seed, 5)
+    assert [r.status_code for r in replies] == [202] * 5
+    refused = await create(client, demo_token, seed, networks=[{"uuid": seed.network_id}])
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert "5 servers are waiting to be scheduled" in error(refused, 429, "overLimit")
+    many = await create(client, demo_token, seed, networks=[{"uuid": seed.network_id}], max_count=3)
+    assert many.status_code == 429
+    async with app.state.sessionmaker() as s:
+        assert len((await s.scalars(select(Instance.id))).all()) == 5  # nothing written for them
+    async with app.state.sessionmaker() as s, s.begin():
+        await s.execute(update(Instance).values(host="hv-1", vm_state="active"))
+    again = await create(client, demo_token, seed, networks=[{"uuid": seed.network_id}])
+    assert again.status_code == 202, again.text
+    assert backlog.refused == 2

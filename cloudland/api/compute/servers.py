@@ -18,7 +18,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
-from cloudland.api.compute import common, create_batch, server_actions, server_create
+from cloudland.api.compute import admission, common, create_batch, server_actions, server_create
+from cloudland.api.compute.admission import BuildBacklog
 from cloudland.api.compute.create_batch import CreateBatcher
 from cloudland.api.compute.server_render import (
     VALUE_COLUMNS,
@@ -222,6 +223,7 @@ async def setup(app: FastAPI, config: Config) -> None:
                 await bus.publish(subjects.CONTROLLER_WAKE, encode(Wake(instance_ids=server_ids)))
 
         app.state.create_batcher = CreateBatcher(app.state.sessionmaker, config.compute, written)
+    app.state.build_backlog = BuildBacklog(app.state.sessionmaker, config.compute.max_pending_builds)
 
 
 @router.get("/servers")
@@ -241,6 +243,9 @@ async def create_server(request: Request, ctx: RequestContext = Depends(require_
     require_write(ctx)
     project_id = require_project_scope(ctx)
     payload = await _json(request)
+    backlog: BuildBacklog | None = getattr(request.app.state, "build_backlog", None)
+    if backlog is not None:
+        await backlog.admit(admission.requested(payload))
     batcher: CreateBatcher | None = getattr(request.app.state, "create_batcher", None)
     req = None
     server_ids: list[str] = []
