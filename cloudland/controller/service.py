@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 STATE_REQUEST_TIMEOUT = 10.0
 # A host's full state is asked for at most this often (a digest mismatch can repeat).
 STATE_REQUEST_INTERVAL = 3.0
+# Full-state requests in flight at once: after an outage thousands of hosts come back together,
+# and their replies (each the host's whole state) must not flood the controller's connection.
+STATE_REQUESTS_IN_FLIGHT = 64
 # Reports and wakes are gathered this long before a pass runs after an idle moment (a pass
 # that follows a busy one starts at once: the reports gathered while it ran are the batch).
 DEBOUNCE = 0.05
@@ -86,6 +89,8 @@ class ControllerService:
         self._kick = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._requests: dict[str, float] = {}
+        self._fetching: set[str] = set()  # hosts whose state is asked for or waits its turn
+        self._state_slots = asyncio.Semaphore(STATE_REQUESTS_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
         self.passes = 0
         self.stats = ControllerStats()
@@ -302,9 +307,11 @@ class ControllerService:
 
     def _request_state(self, host_id: str) -> None:
         now = time.monotonic()
-        if now - self._requests.get(host_id, -STATE_REQUEST_INTERVAL) < STATE_REQUEST_INTERVAL:
+        if host_id in self._fetching or \
+                now - self._requests.get(host_id, -STATE_REQUEST_INTERVAL) < STATE_REQUEST_INTERVAL:
             return
         self._requests[host_id] = now
+        self._fetching.add(host_id)
         task = asyncio.create_task(self._fetch_state(host_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -312,12 +319,15 @@ class ControllerService:
     async def _fetch_state(self, host_id: str) -> None:
         assert self.nc is not None and self.reconciler is not None
         try:
-            reply = await self.nc.request(subjects.host_rpc(host_id), encode(GetHostState()),
-                                          timeout=STATE_REQUEST_TIMEOUT)
+            async with self._state_slots:
+                reply = await self.nc.request(subjects.host_rpc(host_id), encode(GetHostState()),
+                                              timeout=STATE_REQUEST_TIMEOUT)
             state = decode(reply.data)
         except Exception as e:
             log.info("no state from host %s: %s", host_id, e)
             return
+        finally:
+            self._fetching.discard(host_id)
         if isinstance(state, HostState) and state.host_id == host_id:
             self.reconciler.on_host_state(state)
             self.kick()

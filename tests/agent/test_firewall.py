@@ -16,7 +16,8 @@ import pytest
 from cloudland.agent.drivers.network.firewall import render
 from cloudland.bus.messages import FixedIp, PortSpec, SecurityRuleSpec
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"), reason="needs root and nft"),
+              pytest.mark.e2e]  # namespaces, nftables and traffic: with the end-to-end set
 
 APPLY = (
     "import sys, msgspec; from cloudland.agent.drivers.network.firewall import Firewall; "

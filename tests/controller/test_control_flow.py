@@ -86,6 +86,7 @@ async def assert_quiet(cloud: Cloud) -> None:
     assert reconciler.believed_digest(HOST) == cloud.agent.heartbeat().state_digest
 
 
+@pytest.mark.e2e  # restarts processes: seconds each, with the end-to-end set
 async def test_delete_while_agent_stopped(cloud: Cloud) -> None:
     sid = await cloud.create()
     await cloud.wait_status(sid, "ACTIVE")
@@ -130,6 +131,7 @@ async def _ports_gone(cloud: Cloud, sid: str) -> bool:
     return await ports_of(cloud, sid) == []
 
 
+@pytest.mark.e2e  # restarts processes: seconds each, with the end-to-end set
 async def test_agent_restart_keeps_instances(cloud: Cloud) -> None:
     sids = [await cloud.create(name=f"vm{i}") for i in range(3)]
     for sid in sids:
@@ -147,6 +149,7 @@ async def test_agent_restart_keeps_instances(cloud: Cloud) -> None:
     await assert_quiet(cloud)
 
 
+@pytest.mark.e2e  # restarts processes: seconds each, with the end-to-end set
 async def test_controller_restart_is_quiet(cloud: Cloud) -> None:
     from cloudland.controller.service import ControllerService
 
@@ -168,6 +171,7 @@ async def test_controller_restart_is_quiet(cloud: Cloud) -> None:
     await cloud.wait_status(sid, "SHUTOFF")
 
 
+@pytest.mark.e2e  # restarts processes: seconds each, with the end-to-end set
 async def test_guest_shutdown_is_adopted_but_restarted_agent_brings_guests_back(cloud: Cloud) -> None:
     kept, restored = await cloud.create(name="kept"), await cloud.create(name="restored")
     for sid in (kept, restored):

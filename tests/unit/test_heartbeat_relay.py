@@ -123,6 +123,7 @@ async def publish(nc: Client, hosts: list[str]) -> None:
     await nc.flush()
 
 
+@pytest.mark.e2e  # a NATS tree of four servers: with the end-to-end set
 async def test_local_relay_takes_its_leaf_and_others_take_over(tree: NatsTree,
                                                                clients: dict[str, Client]) -> None:
     """A relay on rack leaf A gets exactly A's heartbeats; once it stops, they reach the
