@@ -4,6 +4,8 @@
   parameter on PostgreSQL (``= ANY(:ids)``): the SQL text is the same whatever the number of
   ids, so it is compiled and prepared once, and no bind is rendered per value. Other databases
   get an expanding ``IN``.
+- ``array_rows``: PostgreSQL rows from parallel array parameters (``unnest``), so one
+  statement reads or writes a whole batch of keys or values.
 - ``json_text`` / ``json_value``: JSON columns read as text and decoded once per distinct text.
   asyncpg would otherwise decode every JSON column of every row, used or not, and most rows share
   a handful of values (``[]``, ``["<the project's default group>"]``, a flavor).
@@ -12,11 +14,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any
 
-from sqlalchemy import String, Text, any_, bindparam, cast
+from sqlalchemy import String, Text, any_, bindparam, cast, func
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
@@ -71,3 +73,12 @@ def json_value(text: str | None) -> Any:
         found = _decoded[text] = json.loads(text)
     return found
 
+
+def array_rows(alias: str, columns: Mapping[str, Any], with_ordinality: str | None = None) -> Any:
+    """``unnest(:<alias>_<c1>, :<alias>_<c2>, ...) [WITH ORDINALITY] AS <alias>(c1, c2, ...)``
+    (PostgreSQL): one row per position of parallel arrays, each parameter an array of the
+    column's element type."""
+    arrays = (bindparam(f"{alias}_{name}", type_=postgresql.ARRAY(element))
+              for name, element in columns.items())
+    return (func.unnest(*arrays).table_valued(*columns, with_ordinality=with_ordinality)
+            .render_derived(alias))

@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, Update, bindparam, func, select, update
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import Select, Update, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
 from cloudland.api.network import ipam
 from cloudland.bus.messages import InstanceStatus
-from cloudland.controller.columns import OneOf, json_text, json_value, per_dialect
+from cloudland.controller.columns import OneOf, array_rows, json_text, json_value, per_dialect
 from cloudland.db.models import Instance, Port, utcnow
 
 POWER_RUNNING, POWER_PAUSED, POWER_SHUTDOWN, POWER_NOSTATE = 1, 3, 4, 0
@@ -134,12 +133,9 @@ class _Row:
 def _write_pg(names: tuple[str, ...]) -> Update:
     """PostgreSQL: one UPDATE of every row with these changed columns, the values as parallel
     arrays (``unnest``), instead of one execution per row."""
-    columns = ("id", *names)
-    keys = (func.unnest(*(bindparam(f"b_{name}", type_=postgresql.ARRAY(_instances.c[name].type))
-                          for name in columns))
-            .table_valued(*(f"b_{name}" for name in columns)).render_derived("k"))
-    return (update(_instances).where(_instances.c.id == keys.c.b_id)
-            .values(updated_at=bindparam("now"), **{name: keys.c[f"b_{name}"] for name in names}))
+    rows = array_rows("b", {name: _instances.c[name].type for name in ("id", *names)})
+    return (update(_instances).where(_instances.c.id == rows.c.id)
+            .values(updated_at=bindparam("now"), **{name: rows.c[name] for name in names}))
 
 
 async def _write(session: AsyncSession, changes: list[tuple[str, dict[str, Any]]]) -> None:

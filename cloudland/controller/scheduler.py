@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import String, bindparam, func, select, update
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.config import ControllerConfig
+from cloudland.controller.columns import array_rows
 from cloudland.controller.hosts import HostInfo
 from cloudland.db.models import Instance, Port, utcnow
 
@@ -155,20 +155,14 @@ _instances = Instance.__table__
 _ports = Port.__table__
 
 
-def _keys(*names: str) -> Any:
-    """``unnest(:k_a, :k_b, ...) AS k(a, b, ...)``: rows from parallel arrays, one statement for all."""
-    return (func.unnest(*(bindparam(f"k_{name}", type_=postgresql.ARRAY(String)) for name in names))
-            .table_valued(*names).render_derived("k"))
-
-
-_CLAIM_KEYS = _keys("id", "host", "zone")
+_CLAIM_KEYS = array_rows("k", dict.fromkeys(("id", "host", "zone"), String))
 _CLAIM_PG = (update(_instances)
              .where(_instances.c.id == _CLAIM_KEYS.c.id, _instances.c.host.is_(None),
                     _instances.c.deleted.is_(False))
              .values(host=_CLAIM_KEYS.c.host, task_state="spawning", updated_at=bindparam("now"),
                      availability_zone=func.coalesce(_instances.c.availability_zone, _CLAIM_KEYS.c.zone))
              .returning(_instances.c.id))
-_BIND_KEYS = _keys("id", "host")
+_BIND_KEYS = array_rows("k", dict.fromkeys(("id", "host"), String))
 _BIND_PG = (update(_ports).where(_ports.c.device_id == _BIND_KEYS.c.id)
             .values(binding_host_id=_BIND_KEYS.c.host)
             .returning(_ports.c.device_id, _ports.c.network_id))

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import Select, String, any_, bindparam, func, or_, select, tuple_
+from sqlalchemy import Select, String, any_, bindparam, or_, select, tuple_
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -26,7 +26,7 @@ from cloudland.bus.messages import (
 )
 from cloudland.config import Config
 from cloudland.controller import router_specs, secgroups
-from cloudland.controller.columns import OneOf, json_text, json_value, per_dialect
+from cloudland.controller.columns import OneOf, array_rows, json_text, json_value, per_dialect
 from cloudland.db.models import Image, Instance, IpAllocation, Network, Port, Subnet
 
 if TYPE_CHECKING:
@@ -96,9 +96,7 @@ def _network_ports_built(pg: bool) -> Select[Any]:
     any of the hosts on any of the networks: at size that was most of the rows read)."""
     bound = tuple_(_ports.c.binding_host_id, _ports.c.network_id)
     if pg:
-        pairs = (func.unnest(bindparam("pair_hosts", type_=postgresql.ARRAY(String)),
-                             bindparam("pair_nets", type_=postgresql.ARRAY(String)))
-                 .table_valued("host", "net").render_derived("p"))
+        pairs = array_rows("p", {"host": String, "net": String})
         on_nets = _ports.c.network_id == any_(bindparam("net_ids", type_=postgresql.ARRAY(String)))
         in_pairs = bound.in_(select(pairs.c.host, pairs.c.net))
     else:
@@ -112,8 +110,8 @@ def _network_ports(session: AsyncSession, net_ids: list[str],
                    pairs: list[tuple[str, str]]) -> tuple[Select[Any], dict[str, Any]]:
     """``_network_ports_built``'s statement for the session's database, and its parameters."""
     if session.get_bind().dialect.name == "postgresql":
-        return _network_ports_built(True), {"net_ids": net_ids, "pair_hosts": [h for h, _ in pairs],
-                                            "pair_nets": [n for _, n in pairs]}
+        return _network_ports_built(True), {"net_ids": net_ids, "p_host": [h for h, _ in pairs],
+                                            "p_net": [n for _, n in pairs]}
     return _network_ports_built(False), {"net_ids": net_ids, "pairs": pairs}
 
 

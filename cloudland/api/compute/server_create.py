@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cloudland.api.context import RequestContext
 from cloudland.api.errors import ApiError, bad_request, conflict, forbidden
 from cloudland.config import ComputeConfig
+from cloudland.controller.columns import array_rows
 from cloudland.db.models import (
     DefaultSecurityGroup,
     Flavor,
@@ -160,10 +161,8 @@ _CREATE_LOOKUPS = (
 _NF, _NI = len(_FLAVOR_COLUMNS), len(_IMAGE_COLUMNS)
 # The same for many requests at once (PostgreSQL): the keys as arrays, one row per key and
 # subnet, each starting with the key's position (1-based).
-_KEYS = func.unnest(*(bindparam(name, type_=postgresql.ARRAY(Text))
-                      for name in ("flavor_ids", "image_ids", "project_ids", "network_ids"))
-                    ).table_valued("flavor_id", "image_id", "project_id", "network_id",
-                                   with_ordinality="n").render_derived("k")
+_KEY_NAMES = ("flavor_id", "image_id", "project_id", "network_id")
+_KEYS = array_rows("k", dict.fromkeys(_KEY_NAMES, Text), with_ordinality="n")
 _CREATE_LOOKUPS_MANY = (
     select(_KEYS.c.n, *_FLAVOR_COLUMNS, *_IMAGE_COLUMNS,
            select(_G.security_group_id).where(_G.project_id == _KEYS.c.project_id).scalar_subquery(),
@@ -203,6 +202,10 @@ def lookup_key(ctx: RequestContext, payload: Any) -> LookupKey:
     body = payload.get("server") if isinstance(payload, dict) else None
     if not isinstance(body, dict):
         return ("", "", ctx.project_id or "", "")
+    return _lookup_key(ctx, body)
+
+
+def _lookup_key(ctx: RequestContext, body: dict[str, Any]) -> LookupKey:
     flavor_ref = body.get("flavorRef")
     wanted = _wanted_networks(body.get("networks"))
     return (_ref_id(flavor_ref) if flavor_ref not in (None, "") else "", _image_id(body)[0] or "",
@@ -238,7 +241,7 @@ async def _lookups(session: AsyncSession, ctx: RequestContext, body: dict[str, A
     flavor_id = _ref_id(flavor_ref)
     image_id, image_error = _image_id(body)
     if rows is None:
-        key = lookup_key(ctx, {"server": body})
+        key = _lookup_key(ctx, body)
         rows = (await lookups_many(session, [key]))[key]
     _network_rows(rows, _NF + _NI + 1, networks)
     row = rows[0]
@@ -265,10 +268,9 @@ async def lookups_many(session: AsyncSession, keys: Iterable[LookupKey]
     distinct = list(dict.fromkeys(keys))
     found: dict[LookupKey, list[Sequence[Any]]] = {key: [] for key in distinct}
     if session.get_bind().dialect.name == "postgresql" and len(distinct) > 1:
-        columns = list(zip(*distinct, strict=True))
+        columns = zip(*distinct, strict=True)
         rows = await session.execute(_CREATE_LOOKUPS_MANY, {
-            "flavor_ids": list(columns[0]), "image_ids": list(columns[1]),
-            "project_ids": list(columns[2]), "network_ids": list(columns[3])})
+            f"k_{name}": list(values) for name, values in zip(_KEY_NAMES, columns, strict=True)})
         for row in rows:
             found[distinct[row[0] - 1]].append(row[1:])
         return found
