@@ -16,6 +16,9 @@ needed and is then kept current by what the reconciler tells it:
 - a project or network read more than ``max_age`` ago (±25%, so they do not come due together)
   is read again on next use: a safety net for an event that never came.
 
+While no rule anywhere names a remote group, the index holds nothing (each question first asks
+the database whether one does) and reads no project.
+
 Rules are not kept: a few per group, read when a question needs them. Answers are those of the
 direct queries in ``secgroups`` for the same database state, once the events are in; a server's
 port created by the API but not scheduled yet is known only after its project's next load or
@@ -92,6 +95,10 @@ def _referring_stmt(one_of: OneOf) -> Select[Any]:
     return (select(_rules.c.security_group_id, _groups.c.project_id).distinct()
             .join(_groups, _groups.c.id == _rules.c.security_group_id)
             .where(_rules.c.remote_group_id.in_(named)))
+
+
+# Whether any rule names a remote group (an index range on ``remote_group_id``).
+_ANY_REMOTE_RULE = select(_rules.c.id).where(_rules.c.remote_group_id.is_not(None)).limit(1)
 
 
 @per_dialect
@@ -262,7 +269,7 @@ class GroupMemberIndex:
         """``secgroups.networks_admitting_members_of``: networks with bound ports whose rules name,
         as remote group, a group of the projects using ``network_ids``."""
         nets = sorted(set(network_ids))
-        if not nets:
+        if not nets or not await self._any_remote_rules(session):
             return set()
         await self._sync(session)
         using = {p for ps in (await self._projects_on(session, nets)).values() for p in ps}
@@ -280,7 +287,7 @@ class GroupMemberIndex:
         """``secgroups.networks_with_remote_rules``: the networks with a bound port in a group
         whose rules name a remote group (their hosts' specs carry member sets)."""
         nets = sorted(set(network_ids))
-        if not nets:
+        if not nets or not await self._any_remote_rules(session):
             return set()
         await self._sync(session)
         groups_on: dict[str, set[str]] = {}
@@ -296,6 +303,19 @@ class GroupMemberIndex:
         return {net for net, gs in groups_on.items() if gs & named}
 
     # --- reading ----------------------------------------------------------------------------
+
+    async def _any_remote_rules(self, session: AsyncSession) -> bool:
+        """Whether any rule names a remote group. Without one no answer needs ports, and the
+        index keeps none: re-reading whole projects as they age (10,000 ports each, in a
+        cloud of 500,000 servers) would be work for nothing."""
+        if await session.scalar(_ANY_REMOTE_RULE) is not None:
+            return True
+        self._projects.clear()
+        self._nets.clear()
+        self._changed_ports.clear()
+        self._changed_devices.clear()
+        self._changed_nets.clear()
+        return False
 
     def _expiry(self) -> float:
         return self.clock() + self.max_age * self._random.uniform(0.75, 1.25)

@@ -282,3 +282,31 @@ async def test_only_remote_rules_fan_out(app: Any, client: httpx.AsyncClient, ad
     async with app.state.sessionmaker() as s:
         assert await w.index.networks_with_remote_rules(s, [private]) == {private}
         assert await w.index.networks_admitting_members_of(s, [private]) == {private}
+
+
+async def test_no_remote_rules_reads_no_project(app: Any, client: httpx.AsyncClient, admin_token: str,
+                                                demo_token: str) -> None:
+    """While no rule names a remote group the index reads no project; the first such rule
+    brings the answers back."""
+    image_id, private = await seed(app)
+    w = World(app, client, admin_token, demo_token)
+    body = {"name": "vm", "imageRef": image_id, "flavorRef": "1", "networks": [{"uuid": private}]}
+    server_id = str((await w.call("POST", f"{V21}/servers", body={"server": body}))["server"]["id"])
+    rules = (await w.call("GET", f"{N}/security-group-rules", "admin"))["security_group_rules"]
+    named = [r for r in rules if r["remote_group_id"]]
+    assert named  # Neutron's default group admits its own members
+    for rule in named:
+        await w.call("DELETE", f"{N}/security-group-rules/{rule['id']}", "admin")
+    await w.claim([server_id], "h1")
+    w.deliver_wakes()
+    async with app.state.sessionmaker() as s:
+        assert await w.index.networks_with_remote_rules(s, [private]) == set()
+        assert await w.index.networks_admitting_members_of(s, [private]) == set()
+    assert w.index.loads == 0
+    group = named[0]["security_group_id"]
+    await w.post(f"{N}/security-group-rules", "security_group_rule", {
+        "security_group_id": group, "direction": "ingress", "remote_group_id": group}, "admin")
+    await w.compare()
+    async with app.state.sessionmaker() as s:
+        assert await w.index.networks_with_remote_rules(s, [private]) == {private}
+    assert w.index.loads > 0
