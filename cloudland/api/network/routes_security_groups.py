@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from sqlalchemy import func, select
+from sqlalchemy import String, cast, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.api.context import RequestContext, require_context
@@ -145,9 +146,15 @@ async def notify(request: Request, session: AsyncSession, group_ids: set[str],
         await session.scalars(select(R.security_group_id).where(R.remote_group_id.in_(group_ids)))
     )
     affected = group_ids | referring
+    if not affected and not networks_also:
+        return
+    # The JSON-encoded id in the list's text narrows the rows in the database (every bound port
+    # of a 500,000-server cloud read into the API was seconds per rule); the list decides.
+    listed = cast(Port.security_groups, String)
     rows = await session.execute(
         select(Port.network_id, Port.security_groups).where(
-            Port.binding_host_id != "", Port.port_security_enabled.is_(True)
+            Port.binding_host_id != "", Port.port_security_enabled.is_(True),
+            or_(False, *(listed.contains(json.dumps(g), autoescape=True) for g in sorted(affected))),
         )
     )
     networks = {net for net, groups in rows if affected & set(groups or [])} | (networks_also or set())
