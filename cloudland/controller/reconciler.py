@@ -8,6 +8,7 @@ instances (woken, reported, expired, on a resynced host) plus a slice of a rolli
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapp
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import Integer, Select, bindparam, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cloudland.bus import subjects
@@ -41,7 +42,7 @@ from cloudland.controller.group_members import GroupMemberIndex
 from cloudland.controller.hosts import HostIndex, HostInfo
 from cloudland.controller.instance_status import Outcome, apply_statuses, finalize_delete
 from cloudland.controller.specs import InstanceRow
-from cloudland.db.models import Host, Instance
+from cloudland.db.models import UNPLACED, Host, Instance
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,8 @@ HostNet = tuple[str, str]
 _instances = Instance.__table__
 _PENDING = (select(_instances.c.id, _instances.c.deleted, json_text(_instances.c.flavor),
                    _instances.c.availability_zone, _instances.c.requested_host)
-            .where(_instances.c.host.is_(None), _instances.c.deleted_at.is_(None),
-                   _instances.c.vm_state == "building")
-            .order_by(_instances.c.created_at, _instances.c.id).limit(bindparam("limit")))
+            .where(text(UNPLACED))  # ix_instances_unplaced, in its order
+            .order_by(_instances.c.created_at, _instances.c.id).limit(bindparam("limit", type_=Integer)))
 
 
 @per_dialect
@@ -171,7 +171,13 @@ class Reconciler:
         self.members = GroupMemberIndex(clock)
         self.hosts_to_check: set[str] = set()
         self.hosts_changed: set[str] = set()  # came up or went down: their networks' peers change
+        # Reports of guests that exist (and restores, below): written by ``write_statuses``, as
+        # they come (the service's status writer) and in every pass. Reports of guests gone
+        # finalize deletes: they stay with the passes (converge finalizes too).
         self.pending_reports: list[InstanceStatus] = []
+        self.pending_gone: list[InstanceStatus] = []
+        self.reports_waiting = asyncio.Event()
+        self._writing = asyncio.Lock()
         # First full reports of a (re)started agent: a guest found stopped there is brought
         # back if it should run (host reboot, `cloudland down`), not adopted as stopped.
         self.pending_restores: list[InstanceStatus] = []
@@ -198,7 +204,11 @@ class Reconciler:
             if flight is not None and _reached(flight.fingerprint, status):
                 del self.inflight[key]
         self._digests.pop(status.host_id, None)
-        self.pending_reports.append(status)
+        if status.state == "absent":
+            self.pending_gone.append(status)
+        else:
+            self.pending_reports.append(status)
+            self.reports_waiting.set()
 
     def on_host_state(self, state: HostState) -> None:
         host = state.host_id
@@ -213,6 +223,7 @@ class Reconciler:
                 del self.net_sent[(host, net)]  # the host lost it: send again
         pending = self.pending_restores if first_report else self.pending_reports
         pending.extend(s for s in state.instances if s.state != "absent")
+        self.reports_waiting.set()
         self.hosts_to_check.add(host)
         self._reported_networks[host] = reported
 
@@ -250,7 +261,7 @@ class Reconciler:
     @property
     def has_work(self) -> bool:
         return bool(self.dirty or self.dirty_nets or self.fanout_nets or self._sg_networks
-                    or self.hosts_to_check or self.pending_reports or self.pending_restores)
+                    or self.hosts_to_check or self.pending_gone)
 
     # --- the pass --------------------------------------------------------------------------
 
@@ -273,7 +284,9 @@ class Reconciler:
         started = self._timed("schedule", started)
         await self.converge()
         await self._send_peer_updates()
-        self._timed("converge", started)
+        started = self._timed("converge", started)
+        await self.write_statuses()  # converge's (rows that missed their report)
+        self._timed("reports", started)
 
     def _timed(self, phase: str, since: float) -> float:
         """Adds the seconds since ``since`` to the phase's total (``phase_seconds``); returns now."""
@@ -282,14 +295,29 @@ class Reconciler:
         return now
 
     async def flush_reports(self) -> None:
-        if not self.pending_reports and not self.pending_restores:
+        """All reports so far: those of guests that exist, then those of guests gone."""
+        await self.write_statuses()
+        if not self.pending_gone:
             return
-        reports, self.pending_reports = self.pending_reports, []
-        restores, self.pending_restores = self.pending_restores, []
+        gone, self.pending_gone = self.pending_gone, []
         async with self.sessionmaker() as session, session.begin():
-            outcome = await apply_statuses(session, restores, adopt_guest_shutdown=False)
-            outcome.merge(await apply_statuses(session, reports))
+            outcome = await apply_statuses(session, gone)
         await self._after_reports(outcome)
+
+    async def write_statuses(self) -> None:
+        """Write the reports of guests that exist (one writer at a time). The service calls this
+        as reports come, apart from the passes: a server is ACTIVE in the table without waiting
+        for the pass in progress and the next one. Their outcome is at most strays (a guest
+        on a host it does not belong to): nothing a pass in progress depends on."""
+        async with self._writing:
+            if not self.pending_reports and not self.pending_restores:
+                return
+            reports, self.pending_reports = self.pending_reports, []
+            restores, self.pending_restores = self.pending_restores, []
+            async with self.sessionmaker() as session, session.begin():
+                outcome = await apply_statuses(session, restores, adopt_guest_shutdown=False)
+                outcome.merge(await apply_statuses(session, reports))
+            await self._after_reports(outcome)
 
     async def _after_reports(self, outcome: Outcome) -> None:
         self.members.ports_changed(outcome.freed_ports)
@@ -546,8 +574,8 @@ class Reconciler:
                         networks = await finalize_delete(session, objects[inst.id], freed)
                         self._networks_changed(inst.host, networks)
                 self.members.ports_changed(freed)
-            if synced_statuses:
-                await self._after_reports(await apply_statuses(session, synced_statuses))
+            if synced_statuses:  # written with the reports (one writer of status columns)
+                self.pending_reports.extend(synced_statuses)
             memo: dict[str, set[str]] = {}  # network members, read once for both
             await self._peer_updates(session, memo)
             commands = await self._build_commands(session, ensure, memo)

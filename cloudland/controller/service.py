@@ -2,8 +2,10 @@
 
 Reports (``report.*``) and heartbeats (in batches from the relays, ``heartbeats.batch``) update
 the in-memory view at once; the database work happens in the loop, batched: a pass runs when
-something changed (a Wake, a report) and at least every ``controller.reconcile_seconds`` (then
-with a slice of the rolling sweep). Every controller also runs a heartbeat relay in-process
+something changed (a Wake, a guest gone, a host's state) and at least every
+``controller.reconcile_seconds`` (then with a slice of the rolling sweep). Reports of guests that
+exist are written by a task of their own, the status writer, as they come (20 ms batches), so
+a server shows ACTIVE without waiting for the passes. Every controller also runs a heartbeat relay in-process
 (``cloudland/bus/heartbeat_relay.py``), for the agents that have no relay on their own server.
 """
 
@@ -54,6 +56,8 @@ STATE_REQUESTS_IN_FLIGHT = 64
 # Reports and wakes are gathered this long before a pass runs after an idle moment (a pass
 # that follows a busy one starts at once: the reports gathered while it ran are the batch).
 DEBOUNCE = 0.05
+# The status writer waits this long after a report for the ones that come with it (one write).
+STATUS_BATCH = 0.02
 # Seconds between checks for hosts whose heartbeats stopped.
 DOWN_CHECK = 1.0
 # Undecodable heartbeat batches are logged at most this often.
@@ -88,6 +92,7 @@ class ControllerService:
         self._subs: list[Subscription] = []
         self._kick = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
         self._requests: dict[str, float] = {}
         self._fetching: set[str] = set()  # hosts whose state is asked for or waits its turn
         self._state_slots = asyncio.Semaphore(STATE_REQUESTS_IN_FLIGHT)
@@ -122,14 +127,15 @@ class ControllerService:
                                     name="cloudland-controller-relay")
         await self.relay.start()
         self._loop_task = asyncio.create_task(self._loop(), name="controller-loop")
+        self._writer_task = asyncio.create_task(self._write_statuses(), name="controller-status-writer")
         log.info("controller started (%d known hosts)", len(self.hosts.hosts))
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._tasks) if t]
+        tasks = [t for t in (self._loop_task, self._writer_task, *self._tasks) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._loop_task = None
+        self._loop_task = self._writer_task = None
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None
@@ -190,6 +196,20 @@ class ControllerService:
             if backlog:
                 self._kick.set()
 
+    async def _write_statuses(self) -> None:
+        """Reports of guests that exist go to the table as they come, beside the passes."""
+        assert self.reconciler is not None
+        waiting = self.reconciler.reports_waiting
+        while True:
+            await waiting.wait()
+            await asyncio.sleep(STATUS_BATCH)
+            waiting.clear()
+            try:
+                await self.reconciler.write_statuses()
+            except Exception:
+                log.exception("writing status reports failed")
+                await asyncio.sleep(1.0)
+
     # --- NATS ------------------------------------------------------------------------------
 
     async def _send(self, host_id: str, command: HostCommand) -> None:
@@ -221,7 +241,8 @@ class ControllerService:
             self.stats.statuses += 1
             self._reported_at[report.host_id] = time.time()
             self.reconciler.on_status(report)
-            self.kick()
+            if report.state == "absent":  # a delete to finalize; other reports: the status writer
+                self.kick()
         elif isinstance(report, HostState):
             self.stats.host_states += 1
             self._reported_at[report.host_id] = time.time()

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -155,6 +156,11 @@ class Host(Base):
     info: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+# Live servers with no host yet (``ix_instances_unplaced``): queries that want the index state
+# this predicate with literals (a bound parameter does not prove it).
+UNPLACED = "host IS NULL AND deleted_at IS NULL AND vm_state = 'building'"
+
+
 class Instance(Base, Timestamps):
     """A server. ``vm_state``/``task_state``/``power_state`` follow Nova's meanings.
 
@@ -170,6 +176,10 @@ class Instance(Base, Timestamps):
         # All-tenant listing (admin) in created order, and Nova's changes-since filter.
         Index("ix_instances_created", "created_at", "id"),
         Index("ix_instances_updated", "updated_at"),
+        # Servers waiting to be placed, oldest first: the scheduler's queue and admission
+        # control's count read only these rows, however many servers the table holds.
+        Index("ix_instances_unplaced", "created_at", "id",
+              postgresql_where=text(UNPLACED), sqlite_where=text(UNPLACED)),
     )
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(255))

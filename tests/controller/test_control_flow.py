@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from controller_helpers import HOST, Cloud, wait_for  # type: ignore[import-not-found]
 from sqlalchemy import select
@@ -169,6 +171,35 @@ async def test_controller_restart_is_quiet(cloud: Cloud) -> None:
     assert cloud.compute.instances[sid].boots == 1
     assert (await cloud.action(sid, {"os-stop": None})).status_code == 202
     await cloud.wait_status(sid, "SHUTOFF")
+
+
+@pytest.mark.both_databases
+async def test_reports_are_written_while_a_pass_runs(cloud: Cloud) -> None:
+    """The status writer puts reports in the table beside the passes: with every pass held
+    (a slow one, at scale), a guest that powers itself off still shows SHUTOFF."""
+    sid = await cloud.create()
+    await cloud.wait_status(sid, "ACTIVE")
+    reconciler = cloud.controller.reconciler
+    assert reconciler is not None
+    held, release = asyncio.Event(), asyncio.Event()
+    original = reconciler.run_pass
+
+    async def slow_pass(sweep: bool = False) -> None:
+        held.set()
+        await release.wait()
+        await original(sweep)
+
+    reconciler.run_pass = slow_pass  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(held.wait(), 5)
+        passes = cloud.controller.passes
+        cloud.compute.guest_power_off(sid)
+        server = await cloud.wait_status(sid, "SHUTOFF")
+        assert server["OS-EXT-STS:power_state"] == 4
+        assert cloud.controller.passes == passes
+    finally:
+        release.set()
+        reconciler.run_pass = original  # type: ignore[method-assign]
 
 
 @pytest.mark.e2e  # restarts processes: seconds each, with the end-to-end set

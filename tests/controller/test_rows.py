@@ -152,3 +152,28 @@ async def test_claims_and_reports_in_one_statement(app: Any) -> None:
     assert [(rows[i].vm_state, rows[i].power_state, rows[i].task_state) for i in free] == [
         ("active", 1, None), ("active", 1, None), ("stopped", 4, "spawning")]  # not desired: still spawning
     assert rows[free[0]].launched_at is not None and rows[free[1]].launched_at is not None
+
+
+async def test_the_queue_reads_use_the_unplaced_index(app: Any) -> None:
+    """PostgreSQL reads the scheduler's queue and admission control's count from the partial
+    index ``ix_instances_unplaced`` (which holds only servers waiting to be placed), not from
+    every host-less row. SQLite, without statistics, goes by ``ix_instances_host``."""
+    from sqlalchemy import text
+
+    from cloudland.api.compute.admission import _waiting_statement
+    from cloudland.controller.reconciler import _PENDING
+
+    for _ in range(3):
+        await make_instance(app)
+    placed = await make_instance(app, host="h1")
+    async with app.state.sessionmaker() as s:
+        if s.get_bind().dialect.name == "postgresql":
+            await s.execute(text("SET enable_seqscan = off"))  # a four-row table is read whole otherwise
+            for statement in (_PENDING.params(limit=500), _waiting_statement(10_000)):
+                sql = str(statement.compile(s.get_bind(), compile_kwargs={"literal_binds": True}))
+                plan = "\n".join(str(row) for row in await s.execute(text("EXPLAIN " + sql)))
+                assert "ix_instances_unplaced" in plan, plan
+        queue = [row[0] for row in await s.execute(_PENDING, {"limit": 500})]
+        assert len(queue) == 3 and placed not in queue
+        assert (await s.execute(_waiting_statement(2))).scalar_one() == 2
+        assert (await s.execute(_waiting_statement(10))).scalar_one() == 3

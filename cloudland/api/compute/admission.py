@@ -15,22 +15,21 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Select, func, literal, select
+from sqlalchemy import Select, func, literal, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cloudland.api.errors import ApiError
-from cloudland.db.models import Instance
+from cloudland.db.models import UNPLACED, Instance
 
 RETRY_AFTER_SECONDS = 1
 
-_i = Instance.__table__.c
+_instances = Instance.__table__
 
 
 def _waiting_statement(limit: int) -> Select[tuple[int]]:
-    """How many servers wait to be placed, counted up to ``limit`` (an index range: the rows
-    with no host, ``ix_instances_host``)."""
-    waiting = (select(literal(1)).where(_i.host.is_(None), _i.deleted_at.is_(None), _i.vm_state == "building")
-               .limit(limit).subquery())
+    """How many servers wait to be placed, counted up to ``limit`` (a range of the partial index
+    ``ix_instances_unplaced``, which holds only them)."""
+    waiting = select(literal(1)).select_from(_instances).where(text(UNPLACED)).limit(limit).subquery()
     return select(func.count()).select_from(waiting)
 
 
