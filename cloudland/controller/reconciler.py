@@ -42,6 +42,7 @@ from cloudland.controller.group_members import GroupMemberIndex
 from cloudland.controller.hosts import HostIndex, HostInfo
 from cloudland.controller.instance_status import Outcome, apply_statuses, finalize_delete
 from cloudland.controller.specs import InstanceRow
+from cloudland.controller.usage import HostUsage
 from cloudland.db.models import UNPLACED, Host, Instance
 
 log = logging.getLogger(__name__)
@@ -153,9 +154,7 @@ class Reconciler:
         self.fanout_batch = 128
         self.sweep_batch = 1000
         self.schedule_after = self.clock() + 1.5 * config.agent.heartbeat_seconds
-        self.usage_refresh = 30.0
-        self._usage_by_host: dict[str, list[int]] = {}
-        self._usage_read_at = -self.usage_refresh
+        self.usage = HostUsage(sessionmaker, clock)
         self._placement: scheduler.Placement | None = None
         # host -> instance -> last status (never "absent"); hosts whose full state is known.
         self.actual: dict[str, dict[str, InstanceStatus]] = defaultdict(dict)
@@ -322,6 +321,7 @@ class Reconciler:
     async def _after_reports(self, outcome: Outcome) -> None:
         self.members.ports_changed(outcome.freed_ports)
         for inst, host, networks in outcome.finalized:
+            self.usage.release(host, inst.flavor)
             self.inflight.pop((host or "", inst.id), None)
             self._networks_changed(host, networks)
         self.dirty.update(outcome.missing)
@@ -425,24 +425,14 @@ class Reconciler:
         """The placement, brought up to date: hosts that changed (up, down, enabled, capacity)
         and hosts whose usage changed are recomputed.
 
-        Claimed resources per host: read from the database every ``usage_refresh`` seconds,
-        and between reads the claims this controller made are added in memory. Deletes show at
-        the next read, so capacity is under-estimated for a while, never over-committed."""
-        now = self.clock()
-        changed: set[str] = set()
-        if now - self._usage_read_at >= self.usage_refresh:
-            fresh = {h: list(u) for h, u in (await scheduler.load_usage(session)).items()}
-            old = self._usage_by_host
-            changed = {h for h in old.keys() | fresh.keys() if old.get(h) != fresh.get(h)}
-            self._usage_by_host = fresh
-            self._usage_read_at = now
-        changed |= self.hosts.take_changed()
+        Claimed resources per host: ``HostUsage`` (kept in memory by claims and finalized
+        deletes, read again in the background now and then)."""
+        usage = await self.usage.current(session)
+        changed = self.usage.take_changed() | self.hosts.take_changed()
         if self._placement is None:
-            self._placement = scheduler.Placement(self.hosts.up_hosts(), self._usage_by_host,
-                                                  self.config.controller)
+            self._placement = scheduler.Placement(self.hosts.up_hosts(), usage, self.config.controller)
         else:
-            self._placement.update([h for h in map(self.hosts.get, changed) if h is not None],
-                                   self._usage_by_host)
+            self._placement.update([h for h in map(self.hosts.get, changed) if h is not None], usage)
         return self._placement
 
     async def schedule(self) -> None:
@@ -479,12 +469,10 @@ class Reconciler:
                 if iid in claimed:
                     self.dirty.add(iid)
                     self._networks_changed(host.id, claimed[iid])
-                    used = self._usage_by_host.setdefault(host.id, [0, 0, 0])
-                    for k, amount in enumerate(flavors[iid]):
-                        used[k] += amount
+                    self.usage.claim(host.id, flavors[iid])
             # The picked hosts from capacity - usage again: a claim's usage was just added, a failed
             # claim (placed or deleted meanwhile) gives its capacity back.
-            placement.update([host for _, host in picks], self._usage_by_host)
+            placement.update([host for _, host in picks], self.usage.by_host)
         # The claimed instances are dirty: converge() (next in the pass) sends the peer updates.
 
     # --- converging ------------------------------------------------------------------------
@@ -517,19 +505,24 @@ class Reconciler:
         # transaction fails, what it read then is forgotten.
         self.members.record()
         try:
-            commands, absent = await self._converge(batch)
+            commands, absent, finalized = await self._converge(batch)
         except BaseException:
             self.members.discard_recorded()
             raise
         self.members.stop_recording()
+        for inst in finalized:  # committed: their claims end
+            self.usage.release(inst.host, inst.flavor)
         for inst in absent:
             await self._send_absent(inst.host or "", inst.id)
         for host, command in commands:
             await self.send(host, command)
 
-    async def _converge(self, batch: set[str]) -> tuple[list[tuple[str, HostCommand]], list[InstanceRow]]:
+    async def _converge(self, batch: set[str]
+                        ) -> tuple[list[tuple[str, HostCommand]], list[InstanceRow], list[Instance]]:
+        """Commands to send, instances to tell their host to destroy, and instances finalized."""
         ensure: dict[str, list[InstanceRow]] = defaultdict(list)
         absent: list[InstanceRow] = []
+        finalized: list[Instance] = []
         async with self.sessionmaker() as session, session.begin():
             rows = await self._load(session, batch)
             synced_statuses = []
@@ -570,16 +563,17 @@ class Reconciler:
                     select(Instance).where(Instance.id.in_([i.id for i in finalize])))}
                 freed: list[tuple[str, str]] = []
                 for inst in finalize:
-                    if inst.id in objects:
-                        networks = await finalize_delete(session, objects[inst.id], freed)
+                    if (obj := objects.get(inst.id)) is not None:
+                        networks = await finalize_delete(session, obj, freed)
                         self._networks_changed(inst.host, networks)
+                        finalized.append(obj)
                 self.members.ports_changed(freed)
             if synced_statuses:  # written with the reports (one writer of status columns)
                 self.pending_reports.extend(synced_statuses)
             memo: dict[str, set[str]] = {}  # network members, read once for both
             await self._peer_updates(session, memo)
             commands = await self._build_commands(session, ensure, memo)
-        return commands, absent
+        return commands, absent, finalized
 
     async def _load(self, session: AsyncSession, ids: set[str]) -> list[InstanceRow]:
         """The instances' columns converge and the specs read (no ORM objects)."""

@@ -136,6 +136,8 @@ class ControllerService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._loop_task = self._writer_task = None
+        if self.reconciler is not None:
+            await self.reconciler.usage.stop()
         if self.relay is not None:
             await self.relay.stop()
             self.relay = None
