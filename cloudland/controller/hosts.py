@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import NamedTuple
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import DateTime, String, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.bus.messages import Heartbeat
+from cloudland.controller.columns import array_rows
 from cloudland.db.models import Host, utcnow
 
 
@@ -55,6 +56,10 @@ class HeartbeatResult(NamedTuple):
 _hosts = Host.__table__
 _REFRESH = (update(_hosts).where(_hosts.c.id == bindparam("b_id"))
             .values(last_heartbeat=bindparam("b_heartbeat")))
+# PostgreSQL: the refreshes as one statement over parallel arrays (not one execution per host).
+_REFRESH_ROWS = array_rows("b", {"id": String, "heartbeat": DateTime()})
+_REFRESH_PG = (update(_hosts).where(_hosts.c.id == _REFRESH_ROWS.c.id)
+               .values(last_heartbeat=_REFRESH_ROWS.c.heartbeat))
 
 
 class HostIndex:
@@ -223,7 +228,11 @@ class HostIndex:
         if old:
             await session.execute(update(Host), old)
         if refresh:
-            await session.execute(_REFRESH, [{"b_id": h.id, "b_heartbeat": seen(h)} for h in refresh])
+            if session.get_bind().dialect.name == "postgresql":
+                await session.execute(_REFRESH_PG, {"b_id": [h.id for h in refresh],
+                                                    "b_heartbeat": [seen(h) for h in refresh]})
+            else:
+                await session.execute(_REFRESH, [{"b_id": h.id, "b_heartbeat": seen(h)} for h in refresh])
         for h, state in zip(full, states, strict=True):
             h.written = state
         for h in written:
