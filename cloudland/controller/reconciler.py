@@ -177,6 +177,7 @@ class Reconciler:
         self.pending_gone: list[InstanceStatus] = []
         self.reports_waiting = asyncio.Event()
         self._writing = asyncio.Lock()
+        self._hosts_writing = asyncio.Lock()
         # First full reports of a (re)started agent: a guest found stopped there is brought
         # back if it should run (host reboot, `cloudland down`), not adopted as stopped.
         self.pending_restores: list[InstanceStatus] = []
@@ -264,16 +265,33 @@ class Reconciler:
 
     # --- the pass --------------------------------------------------------------------------
 
-    async def run_pass(self, sweep: bool = False) -> None:
-        for host in self.hosts.sweep():
+    def mark_silent_hosts_down(self) -> bool:
+        """Hosts without a heartbeat for ``host_down_seconds`` are down; True if any went down."""
+        gone = self.hosts.sweep()
+        for host in gone:
             log.warning("host %s is down (no heartbeat for %.0fs)", host, self.hosts.down_after)
             self.hosts_changed.add(host)
             self.synced.discard(host)
+        return bool(gone)
+
+    async def write_hosts(self) -> None:
+        """Write the hosts that changed (gone down) now, in a transaction of their own: the
+        service's host watcher calls this beside the passes, so a dead host shows ``down``
+        without waiting for a long pass."""
+        async with self.sessionmaker() as session, session.begin():
+            await self._persist_hosts(session)
+
+    async def _persist_hosts(self, session: AsyncSession) -> None:
+        async with self._hosts_writing:
+            await self.hosts.persist(session)
+
+    async def run_pass(self, sweep: bool = False) -> None:
+        self.mark_silent_hosts_down()
         started = time.monotonic()
         await self.flush_reports()
         started = self._timed("reports", started)
         async with self.sessionmaker() as session, session.begin():
-            await self.hosts.persist(session)
+            await self._persist_hosts(session)
             disabled = set(await session.scalars(select(Host.id).where(Host.enabled.is_(False))))
             self.hosts.set_disabled(disabled)
             await self._collect(session, sweep)

@@ -93,6 +93,7 @@ class ControllerService:
         self._kick = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._writer_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._requests: dict[str, float] = {}
         self._fetching: set[str] = set()  # hosts whose state is asked for or waits its turn
         self._state_slots = asyncio.Semaphore(STATE_REQUESTS_IN_FLIGHT)
@@ -128,14 +129,15 @@ class ControllerService:
         await self.relay.start()
         self._loop_task = asyncio.create_task(self._loop(), name="controller-loop")
         self._writer_task = asyncio.create_task(self._write_statuses(), name="controller-status-writer")
+        self._watch_task = asyncio.create_task(self._watch_hosts(), name="controller-host-watcher")
         log.info("controller started (%d known hosts)", len(self.hosts.hosts))
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop_task, self._writer_task, *self._tasks) if t]
+        tasks = [t for t in (self._loop_task, self._writer_task, self._watch_task, *self._tasks) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._loop_task = self._writer_task = None
+        self._loop_task = self._writer_task = self._watch_task = None
         if self.reconciler is not None:
             await self.reconciler.usage.stop()
         if self.relay is not None:
@@ -172,12 +174,11 @@ class ControllerService:
         next_sweep = time.monotonic()
         backlog = False
         while True:
-            # Wake at least every second to notice silent hosts (cheap: no database work).
-            timeout = max(0.0, min(next_sweep - time.monotonic(), DOWN_CHECK))
+            timeout = max(0.0, next_sweep - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), timeout)
             sweep = time.monotonic() >= next_sweep
-            if not self._kick.is_set() and not sweep and not self.hosts.overdue():
+            if not self._kick.is_set() and not sweep:
                 continue
             if not backlog:
                 await asyncio.sleep(DEBOUNCE)
@@ -197,6 +198,20 @@ class ControllerService:
             backlog = self.reconciler.has_work
             if backlog:
                 self._kick.set()
+
+    async def _watch_hosts(self) -> None:
+        """Every second: hosts whose heartbeats stopped are marked and written down at once,
+        beside the passes, then a pass reacts (their instances, their networks' peers)."""
+        assert self.reconciler is not None
+        while True:
+            await asyncio.sleep(DOWN_CHECK)
+            if not self.hosts.overdue() or not self.reconciler.mark_silent_hosts_down():
+                continue
+            try:
+                await self.reconciler.write_hosts()
+            except Exception:
+                log.exception("writing hosts that went down failed (the next pass writes them)")
+            self.kick()
 
     async def _write_statuses(self) -> None:
         """Reports of guests that exist go to the table as they come, beside the passes."""

@@ -202,6 +202,39 @@ async def test_reports_are_written_while_a_pass_runs(cloud: Cloud) -> None:
         reconciler.run_pass = original  # type: ignore[method-assign]
 
 
+@pytest.mark.both_databases
+async def test_a_dead_host_is_written_down_while_a_pass_runs(cloud: Cloud) -> None:
+    """The host watcher marks and writes a silent host down beside the passes: with every pass
+    held, the hosts table says ``down`` within the threshold and a second or so."""
+    from cloudland.db.models import Host
+
+    await cloud.wait_hosts_up([HOST])
+    reconciler = cloud.controller.reconciler
+    assert reconciler is not None and cloud.agent is not None
+    held, release = asyncio.Event(), asyncio.Event()
+    original = reconciler.run_pass
+
+    async def slow_pass(sweep: bool = False) -> None:
+        held.set()
+        await release.wait()
+        await original(sweep)
+
+    reconciler.run_pass = slow_pass  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(held.wait(), 5)
+        await cloud.agent.stop()
+
+        async def down() -> bool:
+            async with cloud.app.state.sessionmaker() as s:
+                host = await s.get(Host, HOST)
+                return host is not None and host.status == "down"
+
+        await wait_for(down, 6, lambda: "the silent host is not down in the table")
+    finally:
+        release.set()
+        reconciler.run_pass = original  # type: ignore[method-assign]
+
+
 @pytest.mark.e2e  # restarts processes: seconds each, with the end-to-end set
 async def test_guest_shutdown_is_adopted_but_restarted_agent_brings_guests_back(cloud: Cloud) -> None:
     kept, restored = await cloud.create(name="kept"), await cloud.create(name="restored")
