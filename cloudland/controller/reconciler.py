@@ -153,6 +153,7 @@ class Reconciler:
         # state of then). Peer lists do not wait: they go out as ``NetworkPeers``.
         self.fanout_batch = 128
         self.sweep_batch = 1000
+        self._queue_full = False
         self.schedule_after = self.clock() + 1.5 * config.agent.heartbeat_seconds
         self.usage = HostUsage(sessionmaker, clock)
         self._placement: scheduler.Placement | None = None
@@ -261,7 +262,7 @@ class Reconciler:
     @property
     def has_work(self) -> bool:
         return bool(self.dirty or self.dirty_nets or self.fanout_nets or self._sg_networks
-                    or self.hosts_to_check or self.pending_gone)
+                    or self.hosts_to_check or self.pending_gone or self._queue_full)
 
     # --- the pass --------------------------------------------------------------------------
 
@@ -457,6 +458,8 @@ class Reconciler:
         async with self.sessionmaker() as session, session.begin():
             # Only the columns placement needs (no ORM objects: converge loads the claimed rows).
             pending = list(await session.execute(_PENDING, {"limit": self.schedule_batch}))
+            # A full batch: more servers wait to be placed, the next pass follows at once.
+            self._queue_full = len(pending) == self.schedule_batch
             if not pending:
                 return
             # Their ports get bound (or stay unbound on a failure): the member index reads them again.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 from controller_helpers import HOST, Cloud, wait_for  # type: ignore[import-not-found]
@@ -173,12 +175,9 @@ async def test_controller_restart_is_quiet(cloud: Cloud) -> None:
     await cloud.wait_status(sid, "SHUTOFF")
 
 
-@pytest.mark.both_databases
-async def test_reports_are_written_while_a_pass_runs(cloud: Cloud) -> None:
-    """The status writer puts reports in the table beside the passes: with every pass held
-    (a slow one, at scale), a guest that powers itself off still shows SHUTOFF."""
-    sid = await cloud.create()
-    await cloud.wait_status(sid, "ACTIVE")
+@contextlib.asynccontextmanager
+async def passes_held(cloud: Cloud) -> AsyncIterator[None]:
+    """The controller's next pass starts and waits (a long pass, as at scale) until the block ends."""
     reconciler = cloud.controller.reconciler
     assert reconciler is not None
     held, release = asyncio.Event(), asyncio.Event()
@@ -192,14 +191,24 @@ async def test_reports_are_written_while_a_pass_runs(cloud: Cloud) -> None:
     reconciler.run_pass = slow_pass  # type: ignore[method-assign]
     try:
         await asyncio.wait_for(held.wait(), 5)
+        yield
+    finally:
+        release.set()
+        reconciler.run_pass = original  # type: ignore[method-assign]
+
+
+@pytest.mark.both_databases
+async def test_reports_are_written_while_a_pass_runs(cloud: Cloud) -> None:
+    """The status writer puts reports in the table beside the passes: with every pass held
+    (a slow one, at scale), a guest that powers itself off still shows SHUTOFF."""
+    sid = await cloud.create()
+    await cloud.wait_status(sid, "ACTIVE")
+    async with passes_held(cloud):
         passes = cloud.controller.passes
         cloud.compute.guest_power_off(sid)
         server = await cloud.wait_status(sid, "SHUTOFF")
         assert server["OS-EXT-STS:power_state"] == 4
         assert cloud.controller.passes == passes
-    finally:
-        release.set()
-        reconciler.run_pass = original  # type: ignore[method-assign]
 
 
 @pytest.mark.both_databases
@@ -209,19 +218,8 @@ async def test_a_dead_host_is_written_down_while_a_pass_runs(cloud: Cloud) -> No
     from cloudland.db.models import Host
 
     await cloud.wait_hosts_up([HOST])
-    reconciler = cloud.controller.reconciler
-    assert reconciler is not None and cloud.agent is not None
-    held, release = asyncio.Event(), asyncio.Event()
-    original = reconciler.run_pass
-
-    async def slow_pass(sweep: bool = False) -> None:
-        held.set()
-        await release.wait()
-        await original(sweep)
-
-    reconciler.run_pass = slow_pass  # type: ignore[method-assign]
-    try:
-        await asyncio.wait_for(held.wait(), 5)
+    assert cloud.agent is not None
+    async with passes_held(cloud):
         await cloud.agent.stop()
 
         async def down() -> bool:
@@ -230,9 +228,6 @@ async def test_a_dead_host_is_written_down_while_a_pass_runs(cloud: Cloud) -> No
                 return host is not None and host.status == "down"
 
         await wait_for(down, 6, lambda: "the silent host is not down in the table")
-    finally:
-        release.set()
-        reconciler.run_pass = original  # type: ignore[method-assign]
 
 
 @pytest.mark.e2e  # restarts processes: seconds each, with the end-to-end set

@@ -177,3 +177,23 @@ async def test_the_queue_reads_use_the_unplaced_index(app: Any) -> None:
         assert len(queue) == 3 and placed not in queue
         assert (await s.execute(_waiting_statement(2))).scalar_one() == 2
         assert (await s.execute(_waiting_statement(10))).scalar_one() == 3
+
+
+async def test_a_full_batch_asks_for_the_next_pass(app: Any, config: Any) -> None:
+    """More servers waiting than a pass places: the reconciler has work, so the next pass
+    follows at once instead of at the next timed one (reports no longer start passes)."""
+    from cloudland.controller.hosts import HostIndex
+    from cloudland.controller.reconciler import Reconciler
+
+    async def send(host: str, command: object) -> None:
+        pass
+
+    for _ in range(3):
+        await make_instance(app)
+    reconciler = Reconciler(config, app.state.sessionmaker, HostIndex(down_after=10), send)
+    reconciler.schedule_batch, reconciler.schedule_after = 2, 0.0
+    await reconciler.schedule()  # no host is up: both get "no valid host"
+    assert reconciler.has_work
+    await reconciler.schedule()
+    reconciler.dirty.clear()
+    assert not reconciler.has_work
