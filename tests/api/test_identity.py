@@ -636,3 +636,21 @@ uvicorn.run(create_app(cfg, connect_bus=False), host="127.0.0.1", port={port}, l
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+async def test_identity_cache_loads_once_for_concurrent_misses(app) -> None:  # type: ignore[no-untyped-def]
+    """Requests that miss the same entry together share one read (at expiry every concurrent
+    request used to read the row), and a write meanwhile is not hidden by a shared read."""
+    from sqlalchemy import select
+
+    from cloudland.db.models import Project
+
+    store = app.state.tokens.store
+    async with app.state.sessionmaker() as s:
+        project_id = (await s.scalars(select(Project.id).where(Project.name == "demo"))).one()
+    store.invalidate()
+    loads = store.loads
+    found = await asyncio.gather(*(store.project(project_id) for _ in range(20)))
+    assert {p.name for p in found} == {"demo"} and store.loads == loads + 1
+    store.invalidate()
+    assert (await store.project(project_id)).name == "demo" and store.loads == loads + 2

@@ -7,6 +7,7 @@ process never serves stale data about its own changes. Writes are rare, reads ar
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -72,7 +73,11 @@ class IdentityStore:
         self._sessionmaker = sessionmaker
         self.ttl = ttl
         self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
+        # Loads in progress: requests that miss the same entry together share one load (at
+        # expiry every concurrent request missed at once and each read the row).
+        self._loading: dict[tuple[Any, ...], tuple[int, asyncio.Future[Any]]] = {}
         self.generation = 0
+        self.loads = 0
 
     def invalidate(self) -> None:
         self._cache.clear()
@@ -84,8 +89,26 @@ class IdentityStore:
         if hit is not None and hit[0] > now:
             return hit[1]
         generation = self.generation
-        async with self._sessionmaker() as session:
-            value = await load(session)
+        shared = self._loading.get(key)
+        if shared is not None and shared[0] == generation:  # (not one that predates a write)
+            loading = shared[1]
+            await asyncio.wait([loading])
+            if not loading.cancelled() and loading.exception() is None:
+                return loading.result()
+            # the shared load failed: this request loads for itself
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._loading[key] = (generation, future)
+        try:
+            self.loads += 1
+            async with self._sessionmaker() as session:
+                value = await load(session)
+            future.set_result(value)
+        except BaseException:
+            future.cancel()
+            raise
+        finally:
+            if self._loading.get(key, (0, None))[1] is future:
+                del self._loading[key]
         # An invalidation during the load means the value may predate a write: do not keep it.
         if generation == self.generation:
             if len(self._cache) > 200_000:
