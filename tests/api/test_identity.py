@@ -654,3 +654,11 @@ async def test_identity_cache_loads_once_for_concurrent_misses(app) -> None:  # 
     assert {p.name for p in found} == {"demo"} and store.loads == loads + 1
     store.invalidate()
     assert (await store.project(project_id)).name == "demo" and store.loads == loads + 2
+
+
+async def test_revocation_list_reloads_once_for_concurrent_requests(app) -> None:  # type: ignore[no-untyped-def]
+    revocations = app.state.tokens.revocations
+    revocations._next_refresh = 0.0
+    refreshes = revocations.refreshes
+    assert await asyncio.gather(*(revocations.contains("nope") for _ in range(20))) == [False] * 20
+    assert revocations.refreshes == refreshes + 1

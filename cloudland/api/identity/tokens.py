@@ -8,6 +8,7 @@ checks expiry and the revocation set, then re-checks user, scope and roles throu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import secrets
 import time
@@ -130,13 +131,25 @@ class RevocationList:
         self.ttl = ttl
         self._ids: set[str] = set()
         self._next_refresh = 0.0
+        # One reload at a time: the requests that find the list due wait for the same one.
+        self._refreshing: asyncio.Future[None] | None = None
+        self.refreshes = 0
 
     async def contains(self, audit_id: str) -> bool:
         if time.monotonic() >= self._next_refresh:
-            await self.refresh()
+            if self._refreshing is None:
+                self._refreshing = asyncio.ensure_future(self._refresh_shared())
+            await asyncio.shield(self._refreshing)
         return audit_id in self._ids
 
+    async def _refresh_shared(self) -> None:
+        try:
+            await self.refresh()
+        finally:
+            self._refreshing = None
+
     async def refresh(self) -> None:
+        self.refreshes += 1
         now = utc_naive(time.time())
         async with self._sessionmaker() as s:
             rows = await s.execute(select(RevokedToken.audit_id).where(RevokedToken.expires_at > now))
