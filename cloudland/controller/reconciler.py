@@ -318,8 +318,12 @@ class Reconciler:
         if not self.pending_gone:
             return
         gone, self.pending_gone = self.pending_gone, []
-        async with self.sessionmaker() as session, session.begin():
-            outcome = await apply_statuses(session, gone)
+        try:
+            async with self.sessionmaker() as session, session.begin():
+                outcome = await apply_statuses(session, gone)
+        except BaseException:
+            self.pending_gone[:0] = gone  # not written: the next attempt takes them first
+            raise
         await self._after_reports(outcome)
 
     async def write_statuses(self) -> None:
@@ -332,9 +336,15 @@ class Reconciler:
                 return
             reports, self.pending_reports = self.pending_reports, []
             restores, self.pending_restores = self.pending_restores, []
-            async with self.sessionmaker() as session, session.begin():
-                outcome = await apply_statuses(session, restores, adopt_guest_shutdown=False)
-                outcome.merge(await apply_statuses(session, reports))
+            try:
+                async with self.sessionmaker() as session, session.begin():
+                    outcome = await apply_statuses(session, restores, adopt_guest_shutdown=False)
+                    outcome.merge(await apply_statuses(session, reports))
+            except BaseException:
+                # Not written (the database went away, the task was cancelled): kept, in order.
+                self.pending_reports[:0] = reports
+                self.pending_restores[:0] = restores
+                raise
             await self._after_reports(outcome)
 
     async def _after_reports(self, outcome: Outcome) -> None:

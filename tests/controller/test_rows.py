@@ -197,3 +197,35 @@ async def test_a_full_batch_asks_for_the_next_pass(app: Any, config: Any) -> Non
     await reconciler.schedule()
     reconciler.dirty.clear()
     assert not reconciler.has_work
+
+
+async def test_reports_not_written_are_kept(app: Any, config: Any) -> None:
+    """A status write that fails (here: the table is gone for a moment) keeps its reports for
+    the next attempt instead of dropping them (the row would stay BUILD while the guest runs)."""
+    from sqlalchemy import text
+
+    from cloudland.controller.hosts import HostIndex
+    from cloudland.controller.reconciler import Reconciler
+
+    async def send(host: str, command: object) -> None:
+        pass
+
+    iid = await make_instance(app, host="h1")
+    reconciler = Reconciler(config, app.state.sessionmaker, HostIndex(down_after=10), send)
+    reconciler.on_status(status(iid, "running"))
+
+    async def rename(old: str, new: str) -> None:
+        async with app.state.sessionmaker() as s, s.begin():
+            await s.execute(text(f"ALTER TABLE {old} RENAME TO {new}"))
+
+    await rename("instances", "instances_away")
+    try:
+        with pytest.raises(Exception):  # noqa: B017 (whatever the driver raises for a missing table)
+            await reconciler.write_statuses()
+    finally:
+        await rename("instances_away", "instances")
+    assert [r.instance_id for r in reconciler.pending_reports] == [iid]
+    await reconciler.write_statuses()
+    async with app.state.sessionmaker() as s:
+        inst = await s.get(Instance, iid)
+        assert inst is not None and inst.vm_state == "active" and not reconciler.pending_reports
