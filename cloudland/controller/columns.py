@@ -34,6 +34,10 @@ def _one_of(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
     return column.in_(bindparam(name, expanding=True))
 
 
+def on_postgresql(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def per_dialect(build: Callable[[OneOf], Any]) -> Callable[[AsyncSession], Any]:
     """``build(one_of)`` once per dialect, where ``one_of(column, "ids")`` tests membership in the
     list passed as the parameter ``ids``: statements built once and reused (no construction and
@@ -44,7 +48,7 @@ def per_dialect(build: Callable[[OneOf], Any]) -> Callable[[AsyncSession], Any]:
         return build(_pg_one_of if pg else _one_of)
 
     def get(session: AsyncSession) -> Any:
-        return built(session.get_bind().dialect.name == "postgresql")
+        return built(on_postgresql(session))
 
     return get
 

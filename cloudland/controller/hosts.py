@@ -22,7 +22,7 @@ from sqlalchemy import DateTime, String, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.bus.messages import Heartbeat
-from cloudland.controller.columns import array_rows
+from cloudland.controller.columns import array_rows, on_postgresql
 from cloudland.db.models import Host, utcnow
 
 
@@ -228,7 +228,7 @@ class HostIndex:
         if old:
             await session.execute(update(Host), old)
         if refresh:
-            if session.get_bind().dialect.name == "postgresql":
+            if on_postgresql(session):
                 await session.execute(_REFRESH_PG, {"b_id": [h.id for h in refresh],
                                                     "b_heartbeat": [seen(h) for h in refresh]})
             else:

@@ -19,7 +19,7 @@ from sqlalchemy.orm.util import identity_key
 
 from cloudland.api.network import ipam
 from cloudland.bus.messages import InstanceStatus
-from cloudland.controller.columns import OneOf, array_rows, json_text, json_value, per_dialect
+from cloudland.controller.columns import OneOf, array_rows, json_text, json_value, on_postgresql, per_dialect
 from cloudland.db.models import Instance, Port, utcnow
 
 POWER_RUNNING, POWER_PAUSED, POWER_SHUTDOWN, POWER_NOSTATE = 1, 3, 4, 0
@@ -146,7 +146,7 @@ async def _write(session: AsyncSession, changes: list[tuple[str, dict[str, Any]]
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for iid, values in changes:
         groups[tuple(values)].append({"b_id": iid, **{f"b_{k}": v for k, v in values.items()}})
-    postgres = session.get_bind().dialect.name == "postgresql"
+    postgres = on_postgresql(session)
     for names, params in groups.items():
         if postgres and len(params) > 1 and "fault" not in names:
             await session.execute(_write_pg(names), {"now": now, **{

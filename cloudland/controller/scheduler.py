@@ -19,7 +19,7 @@ from sqlalchemy import String, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.config import ControllerConfig
-from cloudland.controller.columns import array_rows
+from cloudland.controller.columns import array_rows, on_postgresql
 from cloudland.controller.hosts import HostInfo
 from cloudland.db.models import Instance, Port, utcnow
 
@@ -177,7 +177,7 @@ async def claim_many(session: AsyncSession, picks: list[tuple[str, HostInfo]]) -
     if not picks:
         return {}
     now = utcnow()
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         claimed = {iid: set() for iid in await session.scalars(_CLAIM_PG, {
             "k_id": [iid for iid, _ in picks], "k_host": [h.id for _, h in picks],
             "k_zone": [h.zone for _, h in picks], "now": now})}

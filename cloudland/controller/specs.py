@@ -26,7 +26,7 @@ from cloudland.bus.messages import (
 )
 from cloudland.config import Config
 from cloudland.controller import router_specs, secgroups
-from cloudland.controller.columns import OneOf, array_rows, json_text, json_value, per_dialect
+from cloudland.controller.columns import OneOf, array_rows, json_text, json_value, on_postgresql, per_dialect
 from cloudland.db.models import Image, Instance, IpAllocation, Network, Port, Subnet
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def _network_ports_built(pg: bool) -> Select[Any]:
 def _network_ports(session: AsyncSession, net_ids: list[str],
                    pairs: list[tuple[str, str]]) -> tuple[Select[Any], dict[str, Any]]:
     """``_network_ports_built``'s statement for the session's database, and its parameters."""
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         return _network_ports_built(True), {"net_ids": net_ids, "p_host": [h for h, _ in pairs],
                                             "p_net": [n for _, n in pairs]}
     return _network_ports_built(False), {"net_ids": net_ids, "pairs": pairs}

@@ -37,6 +37,17 @@ async def test_claim_is_conditional(app: Any) -> None:
         assert inst is not None and inst.host == "h1" and inst.availability_zone == "nova"
 
 
+def reconciler_alone(app: Any, config: Any) -> Any:
+    """A reconciler on the test database with no hosts and nowhere to send commands."""
+    from cloudland.controller.hosts import HostIndex
+    from cloudland.controller.reconciler import Reconciler
+
+    async def send(host: str, command: object) -> None:
+        pass
+
+    return Reconciler(config, app.state.sessionmaker, HostIndex(down_after=10), send)
+
+
 def status(iid: str, state: str, generation: int = 0, host: str = "h1") -> InstanceStatus:
     return InstanceStatus(host_id=host, instance_id=iid, state=state, reboot_generation=generation)  # type: ignore[arg-type]
 
@@ -182,15 +193,9 @@ async def test_the_queue_reads_use_the_unplaced_index(app: Any) -> None:
 async def test_a_full_batch_asks_for_the_next_pass(app: Any, config: Any) -> None:
     """More servers waiting than a pass places: the reconciler has work, so the next pass
     follows at once instead of at the next timed one (reports no longer start passes)."""
-    from cloudland.controller.hosts import HostIndex
-    from cloudland.controller.reconciler import Reconciler
-
-    async def send(host: str, command: object) -> None:
-        pass
-
     for _ in range(3):
         await make_instance(app)
-    reconciler = Reconciler(config, app.state.sessionmaker, HostIndex(down_after=10), send)
+    reconciler = reconciler_alone(app, config)
     reconciler.schedule_batch, reconciler.schedule_after = 2, 0.0
     await reconciler.schedule()  # no host is up: both get "no valid host"
     assert reconciler.has_work
@@ -204,14 +209,8 @@ async def test_reports_not_written_are_kept(app: Any, config: Any) -> None:
     the next attempt instead of dropping them (the row would stay BUILD while the guest runs)."""
     from sqlalchemy import text
 
-    from cloudland.controller.hosts import HostIndex
-    from cloudland.controller.reconciler import Reconciler
-
-    async def send(host: str, command: object) -> None:
-        pass
-
     iid = await make_instance(app, host="h1")
-    reconciler = Reconciler(config, app.state.sessionmaker, HostIndex(down_after=10), send)
+    reconciler = reconciler_alone(app, config)
     reconciler.on_status(status(iid, "running"))
 
     async def rename(old: str, new: str) -> None:

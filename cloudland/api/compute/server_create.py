@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from cloudland.api.context import RequestContext
 from cloudland.api.errors import ApiError, bad_request, conflict, forbidden
 from cloudland.config import ComputeConfig
-from cloudland.controller.columns import array_rows
+from cloudland.controller.columns import array_rows, on_postgresql
 from cloudland.db.models import (
     DefaultSecurityGroup,
     Flavor,
@@ -267,7 +267,7 @@ async def lookups_many(session: AsyncSession, keys: Iterable[LookupKey]
     keys as arrays, ``unnest``), elsewhere one statement per key."""
     distinct = list(dict.fromkeys(keys))
     found: dict[LookupKey, list[Sequence[Any]]] = {key: [] for key in distinct}
-    if session.get_bind().dialect.name == "postgresql" and len(distinct) > 1:
+    if on_postgresql(session) and len(distinct) > 1:
         columns = zip(*distinct, strict=True)
         rows = await session.execute(_CREATE_LOOKUPS_MANY, {
             f"k_{name}": list(values) for name, values in zip(_KEY_NAMES, columns, strict=True)})

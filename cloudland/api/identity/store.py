@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -68,14 +68,30 @@ def _user(row: User) -> UserInfo:
                     row.default_project_id, valid_after)
 
 
+class SharedLoads:
+    """Callers that ask for the same key while its load runs wait for that one load instead of
+    each starting their own (at a cache's expiry every concurrent request missed at once). The
+    load runs as a task of its own: a caller that goes away does not cancel it for the others."""
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, asyncio.Task[Any]] = {}
+
+    async def run(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
+        task = self._running.get(key)
+        if task is None:
+            task = self._running[key] = asyncio.ensure_future(load())
+            task.add_done_callback(lambda done: self._running.pop(key, None)
+                                   if self._running.get(key) is done else None)
+        return await asyncio.shield(task)
+
+
 class IdentityStore:
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], ttl: float = 5.0) -> None:
         self._sessionmaker = sessionmaker
         self.ttl = ttl
         self._cache: dict[tuple[Any, ...], tuple[float, Any]] = {}
-        # Loads in progress: requests that miss the same entry together share one load (at
-        # expiry every concurrent request missed at once and each read the row).
-        self._loading: dict[tuple[Any, ...], tuple[int, asyncio.Future[Any]]] = {}
+        # A load is shared only by requests of one generation (not with one that predates a write).
+        self._loads = SharedLoads()
         self.generation = 0
         self.loads = 0
 
@@ -89,32 +105,19 @@ class IdentityStore:
         if hit is not None and hit[0] > now:
             return hit[1]
         generation = self.generation
-        shared = self._loading.get(key)
-        if shared is not None and shared[0] == generation:  # (not one that predates a write)
-            loading = shared[1]
-            await asyncio.wait([loading])
-            if not loading.cancelled() and loading.exception() is None:
-                return loading.result()
-            # the shared load failed: this request loads for itself
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._loading[key] = (generation, future)
-        try:
+
+        async def read() -> T:
             self.loads += 1
             async with self._sessionmaker() as session:
                 value = await load(session)
-            future.set_result(value)
-        except BaseException:
-            future.cancel()
-            raise
-        finally:
-            if self._loading.get(key, (0, None))[1] is future:
-                del self._loading[key]
-        # An invalidation during the load means the value may predate a write: do not keep it.
-        if generation == self.generation:
-            if len(self._cache) > 200_000:
-                self._cache.clear()
-            self._cache[key] = (now + self.ttl, value)
-        return value
+            # An invalidation during the load means the value may predate a write: do not keep it.
+            if generation == self.generation:
+                if len(self._cache) > 200_000:
+                    self._cache.clear()
+                self._cache[key] = (now + self.ttl, value)
+            return value
+
+        return await self._loads.run((generation, key), read)
 
     async def domain(self, domain_id: str) -> DomainInfo | None:
         async def load(s: AsyncSession) -> DomainInfo | None:

@@ -8,7 +8,6 @@ checks expiry and the revocation set, then re-checks user, scope and roles throu
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import secrets
 import time
@@ -25,7 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from cloudland.api.context import RequestContext
 from cloudland.api.errors import unauthorized
 from cloudland.api.identity.keys import load_fernet, rotate_fernet_keys
-from cloudland.api.identity.store import DomainInfo, IdentityStore, ProjectInfo, RoleInfo, UserInfo
+from cloudland.api.identity.store import (
+    DomainInfo,
+    IdentityStore,
+    ProjectInfo,
+    RoleInfo,
+    SharedLoads,
+    UserInfo,
+)
 from cloudland.db.models import RevokedToken
 
 __all__ = ["IssuedToken", "Resolved", "TokenPayload", "TokenProvider", "rotate_fernet_keys"]
@@ -131,22 +137,13 @@ class RevocationList:
         self.ttl = ttl
         self._ids: set[str] = set()
         self._next_refresh = 0.0
-        # One reload at a time: the requests that find the list due wait for the same one.
-        self._refreshing: asyncio.Future[None] | None = None
+        self._loads = SharedLoads()  # the requests that find the list due wait for one reload
         self.refreshes = 0
 
     async def contains(self, audit_id: str) -> bool:
         if time.monotonic() >= self._next_refresh:
-            if self._refreshing is None:
-                self._refreshing = asyncio.ensure_future(self._refresh_shared())
-            await asyncio.shield(self._refreshing)
+            await self._loads.run(None, self.refresh)
         return audit_id in self._ids
-
-    async def _refresh_shared(self) -> None:
-        try:
-            await self.refresh()
-        finally:
-            self._refreshing = None
 
     async def refresh(self) -> None:
         self.refreshes += 1
