@@ -27,7 +27,7 @@ from cloudland.agent.factory import underlay_address
 from cloudland.agent.image_cache import ImageCache
 from cloudland.agent.instance_state import InstanceRecord, InstanceStateStore
 from cloudland.bus import subjects
-from cloudland.bus.connection import connect
+from cloudland.bus.connection import connect, subscriptions_ready
 from cloudland.bus.messages import (
     PROTOCOL_VERSION,
     ConsoleOutput,
@@ -121,11 +121,8 @@ class AgentService:
             await self.nc.subscribe(subjects.host_cmd(self.host_id), cb=self._on_command),
             await self.nc.subscribe(subjects.host_rpc(self.host_id), cb=self._on_request),
         ]
-        # The server must have our subscriptions before we announce ourselves. nats-py
-        # (2.16) writes flush()'s PING straight to the socket, ahead of SUBs still queued
-        # for its flusher; the second round trip is ordered behind them.
-        await self.nc.flush()
-        await self.nc.flush()
+        # The server must have our subscriptions before we announce ourselves.
+        await subscriptions_ready(self.nc)
         await self._publish(await self._host_state())
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="agent-heartbeat")
         log.info("agent %s started (zone %s, %d instances, driver %s)",

@@ -38,3 +38,15 @@ async def connect(
         reconnected_cb=_reconnected,
         error_cb=_error,
     )
+
+
+async def subscriptions_ready(nc: Client) -> None:
+    """Return once the server holds every subscription sent so far on ``nc``.
+
+    nats-py (2.16) writes ``flush()``'s PING straight to the socket, ahead of commands still
+    queued for its flusher task, so one ``flush()`` can return before an earlier SUB reached the
+    server, and another connection's publish can then miss it. The flusher is woken before the
+    first PING's reply can be read, so the second PING travels behind the SUBs.
+    """
+    await nc.flush()
+    await nc.flush()

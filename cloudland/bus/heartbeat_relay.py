@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cloudland.bus import subjects
-from cloudland.bus.connection import connect
+from cloudland.bus.connection import connect, subscriptions_ready
 from cloudland.bus.messages import HeartbeatBatch, encode
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class HeartbeatRelay:
             self.nc = await connect(self.url, self.name)
         self._sub = await self.nc.subscribe(subjects.HEARTBEAT_ALL, queue=subjects.HEARTBEAT_RELAY_QUEUE,
                                             cb=self._on_heartbeat)
-        await self.nc.flush()
+        await subscriptions_ready(self.nc)
         self._task = asyncio.create_task(self._flush_loop(), name=f"{self.name}-flush")
 
     async def stop(self) -> None:

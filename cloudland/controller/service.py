@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from cloudland.bus import subjects
-from cloudland.bus.connection import connect
+from cloudland.bus.connection import connect, subscriptions_ready
 from cloudland.bus.heartbeat_relay import DEFAULT_FLUSH_SECONDS, HeartbeatRelay
 from cloudland.bus.messages import (
     GetHostState,
@@ -122,6 +122,7 @@ class ControllerService:
             await self.nc.subscribe(subjects.CONTROLLER_STATS, cb=self._on_stats),
             await self.nc.subscribe(subjects.HEARTBEAT_BATCH, cb=self._on_heartbeat_batch),
         ]
+        await subscriptions_ready(self.nc)
         # Flushes well within the down threshold, whatever it is configured to.
         flush = min(DEFAULT_FLUSH_SECONDS, self.config.controller.host_down_seconds / 4)
         self.relay = HeartbeatRelay(self.config.nats.url, flush_seconds=flush,

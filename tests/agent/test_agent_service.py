@@ -21,6 +21,7 @@ from cloudland.agent.factory import build_drivers, host_tag, underlay_address
 from cloudland.agent.service import AgentService
 from cloudland.allinone.nats import NatsServer
 from cloudland.bus import subjects
+from cloudland.bus.connection import subscriptions_ready
 from cloudland.bus.messages import (
     ConsoleOutput,
     EnsureInstance,
@@ -141,7 +142,7 @@ async def harness(config: Config, nats_url: str) -> AsyncIterator[Harness]:
     h = Harness(config, nc)
     await nc.subscribe(subjects.report(config.agent.zone), cb=h.on_report)
     await nc.subscribe(subjects.heartbeat(config.agent.zone), cb=h.on_report)  # (no relay here)
-    await nc.flush()
+    await subscriptions_ready(nc)
     await h.start_agent()
     try:
         yield h

@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client
 
 from cloudland.bus import subjects
+from cloudland.bus.connection import subscriptions_ready
 from cloudland.bus.heartbeat_relay import HeartbeatRelay, HeartbeatRelays, batch_bytes, plausible
 from cloudland.bus.messages import Heartbeat, HeartbeatBatch, InstanceStatus, Resources, decode, encode
 from cloudland.bus.topology import NatsTree, monitor
@@ -130,7 +131,7 @@ async def test_local_relay_takes_its_leaf_and_others_take_over(tree: NatsTree,
     controllers through another member of the queue group; none twice."""
     got = Collector()
     await clients["core"].subscribe(subjects.HEARTBEAT_BATCH, cb=got.on_batch)
-    await clients["core"].flush()
+    await subscriptions_ready(clients["core"])
     relay_a = HeartbeatRelay(tree.leaf("z1/r1").url, flush_seconds=FLUSH, name="relay-a")
     relay_b = HeartbeatRelay(tree.leaf("z1/r2").url, flush_seconds=FLUSH, name="relay-b")
     relay_core = HeartbeatRelay(tree.core.url, flush_seconds=FLUSH, name="relay-core")  # the controller's
@@ -188,7 +189,7 @@ async def test_relays_process_serves_several_servers(tree: NatsTree, clients: di
     """``cloudland relay --nats A --nats B``: one relay per server, in one object."""
     got = Collector()
     await clients["core"].subscribe(subjects.HEARTBEAT_BATCH, cb=got.on_batch)
-    await clients["core"].flush()
+    await subscriptions_ready(clients["core"])
     group = HeartbeatRelays([tree.leaf("z1/r1").url, tree.leaf("z1/r2").url], flush_seconds=FLUSH)
     await group.start()
     try:

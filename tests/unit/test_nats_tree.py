@@ -10,6 +10,7 @@ import nats
 import pytest
 
 from cloudland.bus import subjects
+from cloudland.bus.connection import subscriptions_ready
 from cloudland.bus.topology import NatsTree, monitor, plan, render_config
 
 
@@ -58,7 +59,7 @@ async def test_host_traffic_stays_on_its_branch(tree: NatsTree) -> None:
         await hv_c.subscribe(subjects.host_cmd("c"), cb=counter("c"))
         await controller.subscribe(subjects.REPORT_ALL, cb=counter("reports"))
         for nc in (hv_a, hv_b, hv_c, controller):
-            await nc.flush()
+            await subscriptions_ready(nc)
         # Interest propagates asynchronously through the leaves: probe both directions (core to
         # host a, zone 2 up to the controller) until each has carried a message.
         for _ in range(500):
