@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloudland.bus.messages import (
@@ -27,9 +27,19 @@ from cloudland.bus.messages import (
     RouterSpec,
 )
 from cloudland.controller.columns import OneOf, per_dialect
-from cloudland.db.models import FloatingIp, IpAllocation, Network, Port, Router, Subnet
+from cloudland.db.models import (
+    ROUTER_INTERFACE,
+    ROUTER_INTERFACE_OWNERS,
+    FloatingIp,
+    IpAllocation,
+    Network,
+    Port,
+    Router,
+    Subnet,
+)
 
-INTERFACE_OWNERS = ("network:router_interface_distributed", "network:router_interface")
+# The predicate of ``ix_ports_router_interfaces``, as the planner can match it.
+IS_INTERFACE = text(ROUTER_INTERFACE)
 GATEWAY_OWNER = "network:router_gateway"
 DHCP_OWNER = "network:dhcp"
 
@@ -102,10 +112,9 @@ async def router_specs(session: AsyncSession, pairs: Iterable[tuple[str, str]],
     pair_nets = sorted({n for _, n in pairs})
     if not pair_nets:
         return {}
-    touching = select(Port.device_id).where(Port.network_id.in_(pair_nets),
-                                            Port.device_owner.in_(INTERFACE_OWNERS))
+    touching = select(Port.device_id).where(Port.network_id.in_(pair_nets), IS_INTERFACE)
     interfaces = list(await session.scalars(
-        select(Port).where(Port.device_id.in_(touching), Port.device_owner.in_(INTERFACE_OWNERS))))
+        select(Port).where(Port.device_id.in_(touching), IS_INTERFACE)))
     if not interfaces:
         return {}
     routers = {r.id: r for r in await session.scalars(
@@ -118,7 +127,7 @@ async def router_specs(session: AsyncSession, pairs: Iterable[tuple[str, str]],
     members = (await session.execute(
         select(Port.id, Port.network_id, Port.binding_host_id, Port.mac_address)
         .where(Port.network_id.in_(nets_with_router), Port.device_owner.not_in(
-            (*INTERFACE_OWNERS, DHCP_OWNER, GATEWAY_OWNER))))).all()
+            (*ROUTER_INTERFACE_OWNERS, DHCP_OWNER, GATEWAY_OWNER))))).all()
     hosts_on: dict[str, set[str]] = defaultdict(set)
     for _, net, host, _ in members:
         if host:
@@ -192,17 +201,15 @@ _ports = Port.__table__
 
 @per_dialect
 def _with_routers_stmt(one_of: OneOf) -> Select[Any]:
-    return select(_ports.c.network_id).distinct().where(one_of(_ports.c.network_id, "nets"),
-                                                        _ports.c.device_owner.in_(INTERFACE_OWNERS))
+    return select(_ports.c.network_id).distinct().where(one_of(_ports.c.network_id, "nets"), IS_INTERFACE)
 
 
 @per_dialect
 def _linked_stmt(one_of: OneOf) -> Select[Any]:
     """(router, network) of every interface of the routers with an interface on the networks."""
-    touching = select(_ports.c.device_id).where(one_of(_ports.c.network_id, "nets"),
-                                                _ports.c.device_owner.in_(INTERFACE_OWNERS))
-    return select(_ports.c.device_id, _ports.c.network_id).where(
-        _ports.c.device_id.in_(touching), _ports.c.device_owner.in_(INTERFACE_OWNERS))
+    touching = select(_ports.c.device_id).where(one_of(_ports.c.network_id, "nets"), IS_INTERFACE)
+    return (select(_ports.c.device_id, _ports.c.network_id)
+            .where(_ports.c.device_id.in_(touching), IS_INTERFACE))
 
 
 async def networks_with_routers(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:
@@ -225,14 +232,14 @@ async def release_gateways(session: AsyncSession) -> set[tuple[str, str]]:
     routers = {p.device_id for p in gateways}
     iface_nets: dict[str, set[str]] = defaultdict(set)
     for router_id, net in await session.execute(select(Port.device_id, Port.network_id).where(
-            Port.device_id.in_(routers), Port.device_owner.in_(INTERFACE_OWNERS))):
+            Port.device_id.in_(routers), IS_INTERFACE)):
         iface_nets[router_id].add(net)
     all_nets = {n for nets in iface_nets.values() for n in nets}
     hosts_on: dict[str, set[str]] = defaultdict(set)
     if all_nets:
         for net, host in await session.execute(select(Port.network_id, Port.binding_host_id).distinct().where(
                 Port.network_id.in_(all_nets), Port.binding_host_id != "",
-                Port.device_owner.not_in((*INTERFACE_OWNERS, DHCP_OWNER, GATEWAY_OWNER)))):
+                Port.device_owner.not_in((*ROUTER_INTERFACE_OWNERS, DHCP_OWNER, GATEWAY_OWNER)))):
             hosts_on[net].add(host)
     changed: set[tuple[str, str]] = set()
     spare: set[str] = set()  # routers that kept an unbound port

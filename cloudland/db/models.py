@@ -284,9 +284,19 @@ class Subnet(Base, Timestamps):
     revision_number: Mapped[int] = mapped_column(Integer, default=0)
 
 
+# Router interface ports (``ix_ports_router_interfaces``): a few among all ports, looked up by
+# network on every pass. Queries that want the index state this predicate (literals, as above).
+ROUTER_INTERFACE_OWNERS = ("network:router_interface_distributed", "network:router_interface")
+ROUTER_INTERFACE = "device_owner IN ({})".format(", ".join(f"'{o}'" for o in ROUTER_INTERFACE_OWNERS))
+
+
 class Port(Base, Timestamps):
     __tablename__ = "ports"
-    __table_args__ = (UniqueConstraint("network_id", "mac_address"),)
+    __table_args__ = (
+        UniqueConstraint("network_id", "mac_address"),
+        Index("ix_ports_router_interfaces", "network_id", "device_id",
+              postgresql_where=text(ROUTER_INTERFACE), sqlite_where=text(ROUTER_INTERFACE)),
+    )
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     network_id: Mapped[str] = mapped_column(ForeignKey("networks.id"), index=True)
     project_id: Mapped[str] = mapped_column(String(64), index=True)

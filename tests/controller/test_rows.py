@@ -228,3 +228,35 @@ async def test_reports_not_written_are_kept(app: Any, config: Any) -> None:
     async with app.state.sessionmaker() as s:
         inst = await s.get(Instance, iid)
         assert inst is not None and inst.vm_state == "active" and not reconciler.pending_reports
+
+
+async def test_router_lookups_read_only_router_ports(app: Any) -> None:
+    """Which networks a router joins, asked for the changed networks on every pass: answered from
+    the partial index ``ix_ports_router_interfaces`` on PostgreSQL (router ports only), not by
+    reading every port of those networks."""
+    from sqlalchemy import text
+
+    from cloudland.controller import router_specs
+    from cloudland.db.models import Network, Port
+
+    async with app.state.sessionmaker() as s, s.begin():
+        nets = [Network(name=f"n{i}", project_id="p", segmentation_id=900 + i) for i in range(3)]
+        s.add_all(nets)
+        await s.flush()
+        a, b, c = (n.id for n in nets)
+        for i, (net, owner, device) in enumerate([
+                (a, "network:router_interface_distributed", "r1"), (b, "network:router_interface", "r1"),
+                (c, "compute:nova", "vm"), (c, "network:dhcp", "dhcp"), (a, "compute:nova", "vm2")]):
+            s.add(Port(network_id=net, project_id="p", mac_address=f"fa:16:3e:00:00:{i:02x}",
+                       device_owner=owner, device_id=device))
+    async with app.state.sessionmaker() as s:
+        assert await router_specs.linked_networks(s, [a, c]) == {a: {b}, b: {a}}
+        assert await router_specs.linked_networks(s, [c]) == {}
+        assert await router_specs.networks_with_routers(s, [a, b, c]) == {a, b}
+        if s.get_bind().dialect.name == "postgresql":
+            await s.execute(text("SET enable_seqscan = off"))
+            for statement in (router_specs._linked_stmt(s), router_specs._with_routers_stmt(s)):
+                bound = statement.params(nets=[a])
+                sql = str(bound.compile(s.get_bind(), compile_kwargs={"literal_binds": True}))
+                plan = "\n".join(str(row) for row in await s.execute(text("EXPLAIN " + sql)))
+                assert "ix_ports_router_interfaces" in plan, plan
