@@ -277,16 +277,21 @@ class AgentService:
             return
         if not isinstance(update, NetworkPeers):
             return
-        peers = sorted(a for a in set(update.addresses) if a != self.address)
         key = f"network:{update.network_id}"
         waiting = self._pending.get(key)
         if isinstance(waiting, EnsureNetworkAbsent):
             return
-        if isinstance(waiting, EnsureNetwork):  # a newer spec is queued: give it these peers
-            self._pending[key] = EnsureNetwork(spec=msgspec.structs.replace(waiting.spec, peers=peers))
+        # A newer spec queued gets the change, else the spec last applied.
+        spec = waiting.spec if isinstance(waiting, EnsureNetwork) else self._net_specs.get(update.network_id)
+        if spec is None:
             return
-        spec = self._net_specs.get(update.network_id)
-        if spec is not None and spec.peers != peers:
+        addresses = set(update.addresses) if update.full else \
+            set(spec.peers).union(update.added).difference(update.removed)
+        addresses.discard(self.address)
+        peers = sorted(addresses)
+        if isinstance(waiting, EnsureNetwork):
+            self._pending[key] = EnsureNetwork(spec=msgspec.structs.replace(waiting.spec, peers=peers))
+        elif spec.peers != peers:
             self.submit(key, EnsureNetwork(spec=msgspec.structs.replace(spec, peers=peers)))
 
     async def _ensure_instance(self, spec: InstanceSpec) -> None:

@@ -193,12 +193,20 @@ class EnsureNetworkAbsent(Message, tag="ensure_network_absent"):
 
 class NetworkPeers(Message, tag="network_peers"):
     """Controller → every hypervisor of one network, on ``net.<network id>.peers``: the underlay
-    addresses of all hypervisors that carry it (each agent leaves out its own). One message per
+    addresses of the hypervisors that carry it (each agent leaves out its own). One message per
     membership change instead of an ``EnsureNetwork`` to every member; an agent subscribes while
-    it carries the network, so NATS delivers it only down the branches that have members."""
+    it carries the network, so NATS delivers it only down the branches that have members.
+
+    ``full``: ``addresses`` is the whole list. Otherwise the change since the last message:
+    ``added`` and ``removed`` (set operations, so a repeated one does no harm). A full list is
+    sent again from time to time, which mends an agent that missed a change (e.g. one published
+    before its subscription reached the server)."""
 
     network_id: str
-    addresses: list[str]
+    full: bool = True
+    addresses: list[str] = []
+    added: list[str] = []
+    removed: list[str] = []
 
 
 HostCommand = EnsureInstance | EnsureInstanceAbsent | EnsureNetwork | EnsureNetworkAbsent

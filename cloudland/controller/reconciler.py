@@ -31,7 +31,6 @@ from cloudland.bus.messages import (
     HostState,
     InstanceStatus,
     Message,
-    NetworkPeers,
     encode,
     state_digest,
 )
@@ -41,6 +40,7 @@ from cloudland.controller.columns import OneOf, json_text, json_value, per_diale
 from cloudland.controller.group_members import GroupMemberIndex
 from cloudland.controller.hosts import HostIndex, HostInfo
 from cloudland.controller.instance_status import Outcome, apply_statuses, finalize_delete
+from cloudland.controller.peer_lists import PeerLists
 from cloudland.controller.specs import InstanceRow
 from cloudland.controller.usage import HostUsage
 from cloudland.db.models import UNPLACED, Host, Instance
@@ -133,9 +133,7 @@ class Reconciler:
                  broadcast: Broadcast | None = None) -> None:
         self.config = config
         self.broadcast = broadcast
-        # Per network: the addresses last broadcast, and those still to send.
-        self._peers_sent: dict[str, list[str]] = {}
-        self._peers_outbox: dict[str, list[str]] = {}
+        self.peer_lists = PeerLists()
         self.sessionmaker = sessionmaker
         self.hosts = hosts
         self.send = send
@@ -394,16 +392,12 @@ class Reconciler:
             if net in with_groups:
                 self.fanout_nets.update((h, net) for h in hosts)
             addresses = sorted({a for h in hosts for a in [self._peer_address(h)] if a})
-            if self._peers_sent.get(net) != addresses:
-                self._peers_sent[net] = addresses
-                self._peers_outbox[net] = addresses
+            self.peer_lists.update(net, addresses)
 
     async def _send_peer_updates(self) -> None:
-        outbox, self._peers_outbox = self._peers_outbox, {}
         if self.broadcast is not None:
-            for net, addresses in outbox.items():
-                await self.broadcast(subjects.network_peers(net),
-                                     NetworkPeers(network_id=net, addresses=addresses))
+            for message in self.peer_lists.messages(self.clock()):
+                await self.broadcast(subjects.network_peers(message.network_id), message)
 
     def _networks_changed(self, host: str | None, networks: Iterable[str]) -> None:
         """Ports came or went on ``host``: it and its peers on those networks need new specs."""

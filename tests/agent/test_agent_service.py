@@ -36,6 +36,7 @@ from cloudland.bus.messages import (
     InstanceSpec,
     InstanceStatus,
     Message,
+    NetworkPeers,
     NetworkSpec,
     PortSpec,
     decode,
@@ -398,3 +399,34 @@ def test_factory_builds_configured_drivers(config: Config) -> None:
 def test_underlay_address_defaults_to_a_local_address(config: Config) -> None:
     address = underlay_address(config)
     assert address == "127.0.0.1" or not address.startswith("0.")
+
+
+async def test_peer_lists_whole_and_changes(harness: Harness) -> None:
+    """``NetworkPeers`` on the network's subject: a whole list replaces the spec's peers, a change
+    adds and removes (again: no harm); the agent's own address is never a peer; a network the
+    agent does not carry is ignored."""
+    network = harness.network
+
+    async def peers_become(expected: list[str]) -> None:
+        for _ in range(500):
+            if (spec := network.networks.get("net-1")) is not None and spec.peers == expected:
+                return
+            await asyncio.sleep(0.01)
+        pytest.fail(f"peers {network.networks.get('net-1')}, expected {expected}")
+
+    async def publish(net: str, **fields: object) -> None:
+        await harness.nc.publish(subjects.network_peers(net), encode(NetworkPeers(network_id=net, **fields)))  # type: ignore[arg-type]
+
+    await harness.send(EnsureNetwork(spec=NetworkSpec(id="net-1", segmentation_id=100, peers=["192.0.2.1"])))
+    await peers_become(["192.0.2.1"])
+    assert harness.agent is not None and harness.agent.nc is not None
+    await subscriptions_ready(harness.agent.nc)
+    await publish("net-1", addresses=["192.0.2.10", "192.0.2.2", "192.0.2.1"])  # .10 is this host
+    await peers_become(["192.0.2.1", "192.0.2.2"])
+    await publish("net-1", full=False, added=["192.0.2.3", "192.0.2.10"], removed=["192.0.2.1"])
+    await peers_become(["192.0.2.2", "192.0.2.3"])
+    await publish("net-1", full=False, added=["192.0.2.3"], removed=["192.0.2.1"])  # again
+    await publish("net-2", addresses=["192.0.2.9"])
+    await publish("net-1", full=False, added=["192.0.2.4"])
+    await peers_become(["192.0.2.2", "192.0.2.3", "192.0.2.4"])
+    assert "net-2" not in network.networks
