@@ -14,7 +14,8 @@ import contextlib
 import logging
 import secrets
 import time
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -37,6 +38,7 @@ from cloudland.bus.messages import (
     EnsureNetworkAbsent,
     GetConsoleOutput,
     GetHostState,
+    GroupMembers,
     Heartbeat,
     HostCommand,
     HostState,
@@ -54,6 +56,8 @@ from cloudland.bus.messages import (
 from cloudland.config import Config
 
 log = logging.getLogger(__name__)
+
+_Update = TypeVar("_Update", NetworkPeers, GroupMembers)
 
 _INVALID_ID_CHARS = set(".*> \t\r\n")
 
@@ -89,6 +93,7 @@ class AgentService:
         # Networks this host carries: the last spec applied, and the peers subscription.
         self._net_specs: dict[str, NetworkSpec] = {}
         self._net_subs: dict[str, Subscription] = {}
+        self._group_subs: dict[str, Subscription] = {}  # remote groups the network specs name
         # Last reported status of every instance this host has (never "absent").
         self._status: dict[str, InstanceStatus] = {}
         self._digest: str | None = None  # state_digest of _status; None: to be computed
@@ -132,11 +137,12 @@ class AgentService:
         """Stop listening and release the drivers; guests keep running."""
         if self._heartbeat_task:
             self._heartbeat_task.cancel()
-        for sub in [*self._subs, *self._net_subs.values()]:
+        for sub in [*self._subs, *self._net_subs.values(), *self._group_subs.values()]:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs = []
         self._net_subs = {}
+        self._group_subs = {}
         # An interrupted command is harmless: the controller re-sends it, and it is idempotent.
         tasks = [t for t in (self._heartbeat_task, *self._workers.values(), *self._tasks) if t]
         for t in tasks:
@@ -249,10 +255,12 @@ class AgentService:
                 # Recorded first: a peer list arriving meanwhile applies to this spec, not an older one.
                 self._net_specs[cmd.spec.id] = cmd.spec
                 await self._follow_peers(cmd.spec.id, True)
+                await self._follow_groups()
                 await self.network.ensure_network(cmd.spec)
             else:
                 self._net_specs.pop(cmd.network_id, None)
                 await self._follow_peers(cmd.network_id, False)
+                await self._follow_groups()
                 await self.network.remove_network(cmd.network_id)
         except Exception:
             # No per-network report exists: the controller sees the network list in HostState.
@@ -269,30 +277,73 @@ class AgentService:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    async def _follow_groups(self) -> None:
+        """Subscribe to the member sets of the remote groups the network specs name."""
+        if self.nc is None:
+            return
+        named = {g for spec in self._net_specs.values() for g in spec.remote_groups}
+        for group in named - self._group_subs.keys():
+            self._group_subs[group] = await self.nc.subscribe(subjects.group_members(group),
+                                                              cb=self._on_group_members)
+        for group in self._group_subs.keys() - named:
+            with contextlib.suppress(Exception):
+                await self._group_subs.pop(group).unsubscribe()
+
+    def _patch_network(self, network_id: str,
+                       change: Callable[[NetworkSpec], NetworkSpec | None]) -> None:
+        """Apply ``change`` to the network's spec: the newer one queued if any (it gets the
+        change), else the one last applied, which is then applied again if it changed."""
+        key = f"network:{network_id}"
+        waiting = self._pending.get(key)
+        if isinstance(waiting, EnsureNetworkAbsent):
+            return
+        spec = waiting.spec if isinstance(waiting, EnsureNetwork) else self._net_specs.get(network_id)
+        if spec is None or (changed := change(spec)) is None:
+            return
+        if isinstance(waiting, EnsureNetwork):
+            self._pending[key] = EnsureNetwork(spec=changed)
+        else:
+            self.submit(key, EnsureNetwork(spec=changed))
+
     async def _on_peers(self, msg: Msg) -> None:
+        update = self._decode_update(msg, NetworkPeers)
+        if update is None:
+            return
+
+        def change(spec: NetworkSpec) -> NetworkSpec | None:
+            addresses = _changed_set(spec.peers, update.full, update.addresses, update.added, update.removed)
+            addresses.discard(self.address)
+            peers = sorted(addresses)
+            return None if peers == spec.peers else msgspec.structs.replace(spec, peers=peers)
+
+        self._patch_network(update.network_id, change)
+
+    async def _on_group_members(self, msg: Msg) -> None:
+        update = self._decode_update(msg, GroupMembers)
+        if update is None:
+            return
+        group = update.group_id
+
+        def change(spec: NetworkSpec) -> NetworkSpec | None:
+            old = spec.remote_groups.get(group)
+            if old is None:
+                return None
+            members = sorted(_changed_set(old, update.full, update.addresses, update.added, update.removed))
+            if members == old:
+                return None
+            return msgspec.structs.replace(spec, remote_groups={**spec.remote_groups, group: members})
+
+        for network_id in [n for n, spec in self._net_specs.items() if group in spec.remote_groups]:
+            self._patch_network(network_id, change)
+
+    @staticmethod
+    def _decode_update(msg: Msg, kind: type[_Update]) -> _Update | None:
         try:
             update = decode(msg.data)
         except Exception as e:
             log.error("undecodable message on %s: %s", msg.subject, e)
-            return
-        if not isinstance(update, NetworkPeers):
-            return
-        key = f"network:{update.network_id}"
-        waiting = self._pending.get(key)
-        if isinstance(waiting, EnsureNetworkAbsent):
-            return
-        # A newer spec queued gets the change, else the spec last applied.
-        spec = waiting.spec if isinstance(waiting, EnsureNetwork) else self._net_specs.get(update.network_id)
-        if spec is None:
-            return
-        addresses = set(update.addresses) if update.full else \
-            set(spec.peers).union(update.added).difference(update.removed)
-        addresses.discard(self.address)
-        peers = sorted(addresses)
-        if isinstance(waiting, EnsureNetwork):
-            self._pending[key] = EnsureNetwork(spec=msgspec.structs.replace(waiting.spec, peers=peers))
-        elif spec.peers != peers:
-            self.submit(key, EnsureNetwork(spec=msgspec.structs.replace(spec, peers=peers)))
+            return None
+        return update if isinstance(update, kind) else None
 
     async def _ensure_instance(self, spec: InstanceSpec) -> None:
         iid = spec.id
@@ -470,3 +521,9 @@ class AgentService:
 def _describe(e: BaseException) -> str:
     text = str(e)
     return text if text else type(e).__name__
+
+
+def _changed_set(current: Iterable[str], full: bool, whole: list[str], added: list[str],
+                 removed: list[str]) -> set[str]:
+    """A set after a ``NetworkPeers``/``GroupMembers`` message: the whole set, or a change."""
+    return set(whole) if full else set(current).union(added).difference(removed)

@@ -209,6 +209,18 @@ class NetworkPeers(Message, tag="network_peers"):
     removed: list[str] = []
 
 
+class GroupMembers(Message, tag="group_members"):
+    """Controller → the hypervisors whose rules name a security group as remote group, on
+    ``sg.<group id>.members``: the group's member addresses, whole or as a change, as
+    ``NetworkPeers``. An agent puts them in the ``remote_groups`` of its network specs."""
+
+    group_id: str
+    full: bool = True
+    addresses: list[str] = []
+    added: list[str] = []
+    removed: list[str] = []
+
+
 HostCommand = EnsureInstance | EnsureInstanceAbsent | EnsureNetwork | EnsureNetworkAbsent
 
 
@@ -292,7 +304,8 @@ class Wake(Message, tag="wake"):
     network_ids: list[str] = []
 
 
-AnyMessage = HostCommand | HostRequest | ConsoleOutput | Report | Wake | NetworkPeers | HeartbeatBatch
+AnyMessage = (HostCommand | HostRequest | ConsoleOutput | Report | Wake | NetworkPeers | GroupMembers
+              | HeartbeatBatch)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(AnyMessage)

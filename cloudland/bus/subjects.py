@@ -18,6 +18,12 @@ def network_peers(network_id: str) -> str:
     return f"net.{network_id}.peers"
 
 
+def group_members(group_id: str) -> str:
+    """Member addresses of a security group, for the hypervisors whose rules name it as remote
+    group (they subscribe while they do)."""
+    return f"sg.{group_id}.members"
+
+
 def report(zone: str) -> str:
     """State changes (instance statuses, full host states) from the agents of a zone."""
     return f"report.{zone}"

@@ -107,6 +107,12 @@ def _remote_rule_groups_stmt(one_of: OneOf) -> Select[Any]:
             .where(one_of(_rules.c.security_group_id, "groups"), _rules.c.remote_group_id.is_not(None)))
 
 
+@per_dialect
+def _named_remote_stmt(one_of: OneOf) -> Select[Any]:
+    """Those of the groups that a rule names as remote group."""
+    return select(_rules.c.remote_group_id).distinct().where(one_of(_rules.c.remote_group_id, "groups"))
+
+
 _group_lists: dict[str | None, tuple[str, ...]] = {}
 
 
@@ -145,10 +151,11 @@ def _bump(counts: dict[str, int], key: str, by: int) -> None:
 class _Project:
     """One project's ports and what the answers need, counted so a port can be taken out."""
 
-    __slots__ = ("bound", "expires", "members", "on_net", "ports", "sorted")
+    __slots__ = ("bound", "changed", "expires", "members", "on_net", "ports", "sorted")
 
-    def __init__(self, expires: float) -> None:
+    def __init__(self, expires: float, changed: set[str]) -> None:
         self.expires = expires
+        self.changed = changed  # the index's: groups whose members may have changed
         self.ports: dict[str, PortEntry] = {}
         self.members: dict[str, dict[str, int]] = {}  # group -> address -> ports with it
         self.bound: dict[str, dict[str, int]] = {}  # group -> network -> bound ports in the group
@@ -176,6 +183,7 @@ class _Project:
                 if not members:
                     del self.members[group]
                 self.sorted.pop(group, None)
+                self.changed.add(group)
             if bound:
                 nets = self.bound.setdefault(group, {})
                 _bump(nets, net, by)
@@ -218,6 +226,8 @@ class GroupMemberIndex:
         self._recording: set[str] | None = None
         self._recorded_nets: set[str] = set()
         self.loads = 0  # projects read whole (for tests and stats)
+        # Groups whose members may have changed since their sets were last published.
+        self.changed_groups: set[str] = set()
 
     # --- events (no I/O) --------------------------------------------------------------------
 
@@ -235,7 +245,12 @@ class GroupMemberIndex:
 
     def project_changed(self, project_id: str) -> None:
         """Read the project again when next needed."""
-        self._projects.pop(project_id, None)
+        self._drop(project_id)
+
+    def _drop(self, project_id: str) -> None:
+        project = self._projects.pop(project_id, None)
+        if project is not None:
+            self.changed_groups.update(project.members)
 
     def record(self) -> None:
         """Start noting what the next reads change: ``discard_recorded`` forgets it (the reads
@@ -244,7 +259,7 @@ class GroupMemberIndex:
 
     def discard_recorded(self) -> None:
         for project in self._recording or ():
-            self._projects.pop(project, None)
+            self._drop(project)
         for net in self._recorded_nets:
             self._nets.pop(net, None)
         self._recording, self._recorded_nets = None, set()
@@ -263,6 +278,28 @@ class GroupMemberIndex:
         owners = await self._owners(session, wanted)
         projects = await self._load(session, set(owners.values()))
         return {g: projects[owners[g]].members_of(g) if g in owners else [] for g in wanted}
+
+    async def changed_member_sets(self, session: AsyncSession) -> tuple[set[str], dict[str, list[str]]]:
+        """The groups whose members may have changed since ``member_sets_published`` was told of
+        them, and {group: its members' addresses, sorted} for those a rule names as remote group."""
+        if not self.pending or not await self._any_remote_rules(session):
+            return set(), {}
+        await self._sync(session)
+        if not self.changed_groups:
+            return set(), {}
+        considered = set(self.changed_groups)
+        named = set(await session.scalars(_named_remote_stmt(session), {"groups": sorted(considered)}))
+        return considered, (await self.remote_groups(session, named) if named else {})
+
+    @property
+    def pending(self) -> bool:
+        """Events not read yet, or member sets not published yet."""
+        return bool(self.changed_groups or self._changed_ports or self._changed_devices or self._changed_nets)
+
+    def member_sets_published(self, groups: Iterable[str]) -> None:
+        """What ``changed_member_sets`` answered for these groups went out. (Not done by
+        ``changed_member_sets`` itself: its transaction may still fail.)"""
+        self.changed_groups.difference_update(groups)
 
     async def networks_admitting_members_of(self, session: AsyncSession,
                                             network_ids: Iterable[str]) -> set[str]:
@@ -315,6 +352,7 @@ class GroupMemberIndex:
         self._changed_ports.clear()
         self._changed_devices.clear()
         self._changed_nets.clear()
+        self.changed_groups.clear()
         return False
 
     def _expiry(self) -> float:
@@ -361,7 +399,9 @@ class GroupMemberIndex:
         stale = sorted(p for p in project_ids if p not in self._projects or self._projects[p].expires <= now)
         if stale:
             rows = await _read(session, _projects_stmt(session), {"projects": stale})
-            fresh = {p: _Project(self._expiry()) for p in stale}
+            for p in stale:
+                self._drop(p)
+            fresh = {p: _Project(self._expiry(), self.changed_groups) for p in stale}
             for port_id, (project_id, entry) in rows.items():
                 fresh[project_id].add(port_id, entry)
                 known = self._nets.get(entry[0])

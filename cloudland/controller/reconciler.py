@@ -26,26 +26,31 @@ from cloudland.bus.messages import (
     EnsureInstanceAbsent,
     EnsureNetwork,
     EnsureNetworkAbsent,
+    GroupMembers,
     Heartbeat,
     HostCommand,
     HostState,
     InstanceStatus,
     Message,
+    NetworkPeers,
     encode,
     state_digest,
 )
 from cloudland.config import Config
 from cloudland.controller import scheduler, specs
+from cloudland.controller.broadcast_sets import BroadcastSets
 from cloudland.controller.columns import OneOf, json_text, json_value, per_dialect
 from cloudland.controller.group_members import GroupMemberIndex
 from cloudland.controller.hosts import HostIndex, HostInfo
 from cloudland.controller.instance_status import Outcome, apply_statuses, finalize_delete
-from cloudland.controller.peer_lists import PeerLists
 from cloudland.controller.specs import InstanceRow
 from cloudland.controller.usage import HostUsage
 from cloudland.db.models import UNPLACED, Host, Instance
 
 log = logging.getLogger(__name__)
+
+# The groups considered, and the member sets of those named as remote group (``_converge``).
+MemberSets = tuple[set[str], dict[str, list[str]]]
 
 Send = Callable[[str, HostCommand], Awaitable[None]]
 Broadcast = Callable[[str, Message], Awaitable[None]]
@@ -133,7 +138,9 @@ class Reconciler:
                  broadcast: Broadcast | None = None) -> None:
         self.config = config
         self.broadcast = broadcast
-        self.peer_lists = PeerLists()
+        # What agents are told of network peers and remote groups' members (with a broadcast).
+        self.peer_sets = BroadcastSets()
+        self.group_sets = BroadcastSets()
         self.sessionmaker = sessionmaker
         self.hosts = hosts
         self.send = send
@@ -367,19 +374,17 @@ class Reconciler:
         via_router = {m for n in nets for m in linked.get(n, ())} - nets
         nets = nets | via_router
         members = await specs.hosts_of_networks(session, nets, memo)
-        # Remote-group member sets travel in full specs, not in NetworkPeers.
-        # So do routers' static neighbours.
-        with_groups: set[str] = set()
+        # Routers' static neighbours travel in full specs, not in NetworkPeers. (Remote groups'
+        # members go out as GroupMembers.)
+        with_routers: set[str] = set()
         if self.broadcast:
-            with_groups = (await self.members.networks_with_remote_rules(session, nets)
-                           | await specs.router_specs.networks_with_routers(session, nets))
-        # A group's members span its project: hosts on other networks whose rules admit a group
-        # with members here need the new member set too.
-        admitting = await self.members.networks_admitting_members_of(session, nets) - nets
-        if admitting:
-            later = self.dirty_nets if self.broadcast is None else self.fanout_nets
+            with_routers = await specs.router_specs.networks_with_routers(session, nets)
+        else:
+            # A group's members span its project: without a broadcast, hosts on other networks
+            # whose rules admit a group with members here need a new spec too.
+            admitting = await self.members.networks_admitting_members_of(session, nets) - nets
             for net, hosts in (await specs.hosts_of_networks(session, admitting)).items():
-                later.update((h, net) for h in hosts)
+                self.dirty_nets.update((h, net) for h in hosts)
         routed = via_router | (nets & linked.keys())
         if routed:
             # A host that stopped realising a router keeps its networks until told otherwise.
@@ -389,15 +394,21 @@ class Reconciler:
             if self.broadcast is None:
                 self.dirty_nets.update((h, net) for h in hosts)
                 continue
-            if net in with_groups:
+            if net in with_routers:
                 self.fanout_nets.update((h, net) for h in hosts)
             addresses = sorted({a for h in hosts for a in [self._peer_address(h)] if a})
-            self.peer_lists.update(net, addresses)
+            self.peer_sets.update(net, addresses)
 
     async def _send_peer_updates(self) -> None:
-        if self.broadcast is not None:
-            for message in self.peer_lists.messages(self.clock()):
-                await self.broadcast(subjects.network_peers(message.network_id), message)
+        if self.broadcast is None:
+            return
+        now = self.clock()
+        for c in self.peer_sets.changes(now):
+            await self.broadcast(subjects.network_peers(c.key), NetworkPeers(
+                network_id=c.key, full=c.full, addresses=c.members, added=c.added, removed=c.removed))
+        for c in self.group_sets.changes(now):
+            await self.broadcast(subjects.group_members(c.key), GroupMembers(
+                group_id=c.key, full=c.full, addresses=c.members, added=c.added, removed=c.removed))
 
     def _networks_changed(self, host: str | None, networks: Iterable[str]) -> None:
         """Ports came or went on ``host``: it and its peers on those networks need new specs."""
@@ -521,7 +532,8 @@ class Reconciler:
         return self.clock() - flight.sent_at < self.command_timeout
 
     async def converge(self) -> None:
-        if not self.dirty and not self.dirty_nets and not self.fanout_nets and not self._peers_of:
+        if not (self.dirty or self.dirty_nets or self.fanout_nets or self._peers_of
+                or (self.broadcast is not None and self.members.pending)):
             return
         batch = set()
         while self.dirty and len(batch) < self.dirty_batch:
@@ -530,11 +542,14 @@ class Reconciler:
         # transaction fails, what it read then is forgotten.
         self.members.record()
         try:
-            commands, absent, finalized = await self._converge(batch)
+            commands, absent, finalized, (considered, member_sets) = await self._converge(batch)
         except BaseException:
             self.members.discard_recorded()
             raise
         self.members.stop_recording()
+        for group, addresses in member_sets.items():  # committed: what the agents are to know
+            self.group_sets.update(group, addresses)
+        self.members.member_sets_published(considered)
         for inst in finalized:  # committed: their claims end
             self.usage.release(inst.host, inst.flavor)
         for inst in absent:
@@ -542,9 +557,10 @@ class Reconciler:
         for host, command in commands:
             await self.send(host, command)
 
-    async def _converge(self, batch: set[str]
-                        ) -> tuple[list[tuple[str, HostCommand]], list[InstanceRow], list[Instance]]:
-        """Commands to send, instances to tell their host to destroy, and instances finalized."""
+    async def _converge(self, batch: set[str]) -> tuple[
+            list[tuple[str, HostCommand]], list[InstanceRow], list[Instance], MemberSets]:
+        """Commands to send, instances to tell their host to destroy, instances finalized, and
+        the remote groups whose members may have changed with their member sets now."""
         ensure: dict[str, list[InstanceRow]] = defaultdict(list)
         absent: list[InstanceRow] = []
         finalized: list[Instance] = []
@@ -598,7 +614,10 @@ class Reconciler:
             memo: dict[str, set[str]] = {}  # network members, read once for both
             await self._peer_updates(session, memo)
             commands = await self._build_commands(session, ensure, memo)
-        return commands, absent, finalized
+            groups: MemberSets = (set(), {})
+            if self.broadcast is not None:
+                groups = await self.members.changed_member_sets(session)
+        return commands, absent, finalized, groups
 
     async def _load(self, session: AsyncSession, ids: set[str]) -> list[InstanceRow]:
         """The instances' columns converge and the specs read (no ORM objects)."""

@@ -30,6 +30,7 @@ from cloudland.bus.messages import (
     EnsureNetworkAbsent,
     GetConsoleOutput,
     GetHostState,
+    GroupMembers,
     Heartbeat,
     HostState,
     ImageRef,
@@ -430,3 +431,41 @@ async def test_peer_lists_whole_and_changes(harness: Harness) -> None:
     await publish("net-1", full=False, added=["192.0.2.4"])
     await peers_become(["192.0.2.2", "192.0.2.3", "192.0.2.4"])
     assert "net-2" not in network.networks
+
+
+async def test_group_members_whole_and_changes(harness: Harness) -> None:
+    """``GroupMembers`` on a remote group's subject changes that group's member set in every
+    network spec naming it; a spec not naming it, and other groups, stay as they are."""
+    network = harness.network
+
+    def members(net: str) -> dict[str, list[str]] | None:
+        spec = network.networks.get(net)
+        return None if spec is None else spec.remote_groups
+
+    async def become(net: str, expected: dict[str, list[str]]) -> None:
+        for _ in range(500):
+            if members(net) == expected:
+                return
+            await asyncio.sleep(0.01)
+        pytest.fail(f"{net}: {members(net)}, expected {expected}")
+
+    async def publish(group: str, **fields: object) -> None:
+        await harness.nc.publish(subjects.group_members(group),
+                                 encode(GroupMembers(group_id=group, **fields)))  # type: ignore[arg-type]
+
+    both = {"g1": ["10.0.0.5"], "g2": ["10.0.9.9"]}
+    await harness.send(EnsureNetwork(spec=NetworkSpec(id="net-1", segmentation_id=100, remote_groups=both)))
+    await harness.send(EnsureNetwork(spec=NetworkSpec(id="net-2", segmentation_id=101,
+                                                      remote_groups={"g1": ["10.0.0.5"]})))
+    await harness.send(EnsureNetwork(spec=NetworkSpec(id="net-3", segmentation_id=102)))
+    await become("net-2", {"g1": ["10.0.0.5"]})
+    assert harness.agent is not None and harness.agent.nc is not None
+    await subscriptions_ready(harness.agent.nc)
+    await publish("g1", full=False, added=["10.0.0.6", "10.0.0.7"], removed=["10.0.0.5"])
+    await become("net-1", {"g1": ["10.0.0.6", "10.0.0.7"], "g2": ["10.0.9.9"]})
+    await become("net-2", {"g1": ["10.0.0.6", "10.0.0.7"]})
+    await publish("g1", addresses=["10.0.0.8"])
+    await publish("g3", addresses=["10.0.3.3"])
+    await become("net-1", {"g1": ["10.0.0.8"], "g2": ["10.0.9.9"]})
+    await become("net-2", {"g1": ["10.0.0.8"]})
+    assert members("net-3") == {}

@@ -1,61 +1,61 @@
-"""Peer lists as the controller publishes them: changes, whole lists, and the periodic refresh."""
+"""Sets the controller publishes (peer lists, group members): changes, whole sets, and the
+periodic refresh."""
 
 from __future__ import annotations
 
-from cloudland.bus.messages import NetworkPeers
-from cloudland.controller.peer_lists import PeerLists
+from cloudland.controller.broadcast_sets import BroadcastSets, SetChange
 
 
-def full(net: str, addresses: list[str]) -> NetworkPeers:
-    return NetworkPeers(network_id=net, addresses=addresses)
+def full(net: str, addresses: list[str]) -> SetChange:
+    return SetChange(net, True, addresses, [], [])
 
 
-def change(net: str, added: list[str], removed: list[str]) -> NetworkPeers:
-    return NetworkPeers(network_id=net, full=False, added=added, removed=removed)
+def change(net: str, added: list[str], removed: list[str]) -> SetChange:
+    return SetChange(net, False, [], added, removed)
 
 
 def test_a_network_filling_sends_its_changes() -> None:
-    lists = PeerLists(refresh_seconds=100)
+    lists = BroadcastSets(refresh_seconds=100)
     lists.update("n", ["10.0.0.1"])
-    assert lists.messages(0) == [full("n", ["10.0.0.1"])]  # new to this controller: the whole list
+    assert lists.changes(0) == [full("n", ["10.0.0.1"])]  # new to this controller: the whole list
     lists.update("n", ["10.0.0.1", "10.0.0.2"])
-    assert lists.messages(1) == [change("n", ["10.0.0.2"], [])]
+    assert lists.changes(1) == [change("n", ["10.0.0.2"], [])]
     lists.update("n", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
-    assert lists.messages(2) == [change("n", ["10.0.0.3"], [])]
+    assert lists.changes(2) == [change("n", ["10.0.0.3"], [])]
     # Several changes before a send: one message from what the members were last told.
     lists.update("n", ["10.0.0.1", "10.0.0.3", "10.0.0.4"])
     lists.update("n", ["10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.5"])
     assert lists.pending
-    assert lists.messages(3) == [change("n", ["10.0.0.4", "10.0.0.5"], ["10.0.0.2"])]
+    assert lists.changes(3) == [change("n", ["10.0.0.4", "10.0.0.5"], ["10.0.0.2"])]
     # A change as large as the list it makes: the whole list.
     lists.update("n", ["10.0.0.9"])
-    assert lists.messages(4) == [full("n", ["10.0.0.9"])]
+    assert lists.changes(4) == [full("n", ["10.0.0.9"])]
     lists.update("n", ["10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.5"])
-    lists.messages(4)
+    lists.changes(4)
     # Back and forth between sends, or the same list again: nothing to say.
     lists.update("n", ["10.0.0.1"])
     lists.update("n", ["10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.5"])
-    assert lists.messages(4) == []
+    assert lists.changes(4) == []
     lists.update("n", ["10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.5"])
     assert not lists.pending
     # The last member leaves: an empty whole list, and the network is forgotten.
     lists.update("n", [])
-    assert lists.messages(5) == [full("n", [])]
-    assert lists.messages(500) == []
+    assert lists.changes(5) == [full("n", [])]
+    assert lists.changes(500) == []
 
 
 def test_whole_lists_are_sent_again_when_old() -> None:
     """A member that missed a change is mended by the next whole list: each network's comes
     ``refresh_seconds`` after its previous one, the oldest first, a batch at a time."""
-    lists = PeerLists(refresh_seconds=100, refresh_batch=2)
+    lists = BroadcastSets(refresh_seconds=100, refresh_batch=2)
     for i, net in enumerate(("a", "b", "c")):
         lists.update(net, [f"10.0.0.{i}", "10.0.1.1", "10.0.1.2"])
-        lists.messages(i)
+        lists.changes(i)
     lists.update("b", ["10.0.0.1", "10.0.1.1", "10.0.1.2", "10.0.1.3"])
-    assert lists.messages(50) == [change("b", ["10.0.1.3"], [])]  # a change is not a refresh
-    assert lists.messages(99) == []
-    assert lists.messages(101) == [full("a", ["10.0.0.0", "10.0.1.1", "10.0.1.2"]),
+    assert lists.changes(50) == [change("b", ["10.0.1.3"], [])]  # a change is not a refresh
+    assert lists.changes(99) == []
+    assert lists.changes(101) == [full("a", ["10.0.0.0", "10.0.1.1", "10.0.1.2"]),
                                    full("b", ["10.0.0.1", "10.0.1.1", "10.0.1.2", "10.0.1.3"])]
-    assert lists.messages(102) == [full("c", ["10.0.0.2", "10.0.1.1", "10.0.1.2"])]
-    assert lists.messages(150) == []
-    assert [m.network_id for m in lists.messages(202)] == ["a", "b"]
+    assert lists.changes(102) == [full("c", ["10.0.0.2", "10.0.1.1", "10.0.1.2"])]
+    assert lists.changes(150) == []
+    assert [m.key for m in lists.changes(202)] == ["a", "b"]
