@@ -49,6 +49,10 @@ from cloudland.db.models import UNPLACED, Host, Instance
 
 log = logging.getLogger(__name__)
 
+# Deliveries a second of remote groups' member sets, all groups together (see broadcast_sets):
+# what the full specs' fan-out sent before, at most (128 a pass).
+GROUP_SETS_BUDGET = 2000.0
+
 # The groups considered, and the member sets of those named as remote group (``_converge``).
 MemberSets = tuple[set[str], dict[str, list[str]]]
 
@@ -140,7 +144,8 @@ class Reconciler:
         self.broadcast = broadcast
         # What agents are told of network peers and remote groups' members (with a broadcast).
         self.peer_sets = BroadcastSets()
-        self.group_sets = BroadcastSets()
+        self.group_sets = BroadcastSets(budget=GROUP_SETS_BUDGET)
+        self._publishing = asyncio.Lock()  # one sender: a set's messages go out in order
         self.sessionmaker = sessionmaker
         self.hosts = hosts
         self.send = send
@@ -306,7 +311,7 @@ class Reconciler:
             await self.schedule()
         started = self._timed("schedule", started)
         await self.converge()
-        await self._send_peer_updates()
+        await self.publish_sets()
         started = self._timed("converge", started)
         await self.write_statuses()  # converge's (rows that missed their report)
         self._timed("reports", started)
@@ -399,16 +404,24 @@ class Reconciler:
             addresses = sorted({a for h in hosts for a in [self._peer_address(h)] if a})
             self.peer_sets.update(net, addresses)
 
-    async def _send_peer_updates(self) -> None:
+    @property
+    def sets_waiting(self) -> bool:
+        """Peer lists or member sets changed and not published yet (some wait for their interval)."""
+        return self.peer_sets.pending or self.group_sets.pending
+
+    async def publish_sets(self) -> None:
+        """Publish the changes of peer lists and remote groups' member sets that are due. After
+        every pass, and by the service while some wait for their interval."""
         if self.broadcast is None:
             return
-        now = self.clock()
-        for c in self.peer_sets.changes(now):
-            await self.broadcast(subjects.network_peers(c.key), NetworkPeers(
-                network_id=c.key, full=c.full, addresses=c.members, added=c.added, removed=c.removed))
-        for c in self.group_sets.changes(now):
-            await self.broadcast(subjects.group_members(c.key), GroupMembers(
-                group_id=c.key, full=c.full, addresses=c.members, added=c.added, removed=c.removed))
+        async with self._publishing:
+            now = self.clock()
+            for c in self.peer_sets.changes(now):
+                await self.broadcast(subjects.network_peers(c.key), NetworkPeers(
+                    network_id=c.key, full=c.full, addresses=c.members, added=c.added, removed=c.removed))
+            for c in self.group_sets.changes(now):
+                await self.broadcast(subjects.group_members(c.key), GroupMembers(
+                    group_id=c.key, full=c.full, addresses=c.members, added=c.added, removed=c.removed))
 
     def _networks_changed(self, host: str | None, networks: Iterable[str]) -> None:
         """Ports came or went on ``host``: it and its peers on those networks need new specs."""

@@ -60,6 +60,8 @@ DEBOUNCE = 0.05
 STATUS_BATCH = 0.02
 # Seconds between checks for hosts whose heartbeats stopped.
 DOWN_CHECK = 1.0
+# How often set changes waiting for their interval are looked at.
+SETS_CHECK = 0.25
 # Undecodable heartbeat batches are logged at most this often.
 BAD_BATCH_LOG_INTERVAL = 10.0
 # Heartbeats come through a relay (up to a flush period late), reports straight: a heartbeat
@@ -94,6 +96,7 @@ class ControllerService:
         self._loop_task: asyncio.Task[None] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._sets_task: asyncio.Task[None] | None = None
         self._requests: dict[str, float] = {}
         self._fetching: set[str] = set()  # hosts whose state is asked for or waits its turn
         self._state_slots = asyncio.Semaphore(STATE_REQUESTS_IN_FLIGHT)
@@ -131,14 +134,16 @@ class ControllerService:
         self._loop_task = asyncio.create_task(self._loop(), name="controller-loop")
         self._writer_task = asyncio.create_task(self._write_statuses(), name="controller-status-writer")
         self._watch_task = asyncio.create_task(self._watch_hosts(), name="controller-host-watcher")
+        self._sets_task = asyncio.create_task(self._publish_sets(), name="controller-set-publisher")
         log.info("controller started (%d known hosts)", len(self.hosts.hosts))
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop_task, self._writer_task, self._watch_task, *self._tasks) if t]
+        own = (self._loop_task, self._writer_task, self._watch_task, self._sets_task)
+        tasks = [t for t in (*own, *self._tasks) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._loop_task = self._writer_task = self._watch_task = None
+        self._loop_task = self._writer_task = self._watch_task = self._sets_task = None
         if self.reconciler is not None:
             await self.reconciler.usage.stop()
         if self.relay is not None:
@@ -213,6 +218,17 @@ class ControllerService:
             except Exception:
                 log.exception("writing hosts that went down failed (the next pass writes them)")
             self.kick()
+
+    async def _publish_sets(self) -> None:
+        """Set changes held back by their interval go out without waiting for a pass."""
+        assert self.reconciler is not None
+        while True:
+            await asyncio.sleep(SETS_CHECK)
+            if self.reconciler.sets_waiting:
+                try:
+                    await self.reconciler.publish_sets()
+                except Exception:
+                    log.exception("publishing peer lists and member sets failed")
 
     async def _write_statuses(self) -> None:
         """Reports of guests that exist go to the table as they come, beside the passes."""
