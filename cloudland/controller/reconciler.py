@@ -156,11 +156,11 @@ class Reconciler:
         self.network_resend = 300.0
         self.schedule_batch = 500
         self.dirty_batch = 2000
-        # Specs for other member hosts of a network whose members changed (remote-group member
-        # sets, router neighbours) are sent at most this many per pass: during a launch they
-        # would otherwise dominate every pass (each new port re-specs every member host). The
-        # rest waits in ``fanout_nets`` (a set: a later pass sends each pair once, with the
-        # state of then). Peer lists do not wait: they go out as ``NetworkPeers``.
+        # Specs for other member hosts of a network with a router whose members changed (the
+        # router's neighbours) are sent at most this many per pass: during a launch they would
+        # otherwise dominate every pass (each new port re-specs every member host). The rest
+        # waits in ``fanout_nets`` (a set: a later pass sends each pair once, with the state of
+        # then). Peer lists and member sets are published instead (``publish_sets``).
         self.fanout_batch = 128
         self.sweep_batch = 1000
         self._queue_full = False
