@@ -402,6 +402,16 @@ def test_underlay_address_defaults_to_a_local_address(config: Config) -> None:
     assert address == "127.0.0.1" or not address.startswith("0.")
 
 
+async def network_spec_shows(network: SimulatedNetworkDriver, net: str,
+                             part: Callable[[NetworkSpec], object], expected: object) -> None:
+    """Wait (5 s at most) until the network's applied spec has ``part`` equal to ``expected``."""
+    for _ in range(500):
+        if (spec := network.networks.get(net)) is not None and part(spec) == expected:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"{net}: {network.networks.get(net)}, expected {expected}")
+
+
 async def test_peer_lists_whole_and_changes(harness: Harness) -> None:
     """``NetworkPeers`` on the network's subject: a whole list replaces the spec's peers, a change
     adds and removes (again: no harm); the agent's own address is never a peer; a network the
@@ -409,11 +419,7 @@ async def test_peer_lists_whole_and_changes(harness: Harness) -> None:
     network = harness.network
 
     async def peers_become(expected: list[str]) -> None:
-        for _ in range(500):
-            if (spec := network.networks.get("net-1")) is not None and spec.peers == expected:
-                return
-            await asyncio.sleep(0.01)
-        pytest.fail(f"peers {network.networks.get('net-1')}, expected {expected}")
+        await network_spec_shows(network, "net-1", lambda spec: spec.peers, expected)
 
     async def publish(net: str, **fields: object) -> None:
         await harness.nc.publish(subjects.network_peers(net), encode(NetworkPeers(network_id=net, **fields)))  # type: ignore[arg-type]
@@ -443,11 +449,7 @@ async def test_group_members_whole_and_changes(harness: Harness) -> None:
         return None if spec is None else spec.remote_groups
 
     async def become(net: str, expected: dict[str, list[str]]) -> None:
-        for _ in range(500):
-            if members(net) == expected:
-                return
-            await asyncio.sleep(0.01)
-        pytest.fail(f"{net}: {members(net)}, expected {expected}")
+        await network_spec_shows(network, net, lambda spec: spec.remote_groups, expected)
 
     async def publish(group: str, **fields: object) -> None:
         await harness.nc.publish(subjects.group_members(group),

@@ -37,6 +37,16 @@ async def test_claim_is_conditional(app: Any) -> None:
         assert inst is not None and inst.host == "h1" and inst.availability_zone == "nova"
 
 
+async def postgresql_plan(session: Any, statement: Any) -> str:
+    """PostgreSQL's plan for ``statement`` with its parameters written in, sequential scans off
+    (the test tables are small enough to be read whole otherwise)."""
+    from sqlalchemy import text
+
+    await session.execute(text("SET enable_seqscan = off"))
+    sql = str(statement.compile(session.get_bind(), compile_kwargs={"literal_binds": True}))
+    return "\n".join(str(row) for row in await session.execute(text("EXPLAIN " + sql)))
+
+
 def reconciler_alone(app: Any, config: Any) -> Any:
     """A reconciler on the test database with no hosts and nowhere to send commands."""
     from cloudland.controller.hosts import HostIndex
@@ -169,7 +179,6 @@ async def test_the_queue_reads_use_the_unplaced_index(app: Any) -> None:
     """PostgreSQL reads the scheduler's queue and admission control's count from the partial
     index ``ix_instances_unplaced`` (which holds only servers waiting to be placed), not from
     every host-less row. SQLite, without statistics, goes by ``ix_instances_host``."""
-    from sqlalchemy import text
 
     from cloudland.api.compute.admission import _waiting_statement
     from cloudland.controller.reconciler import _PENDING
@@ -179,10 +188,8 @@ async def test_the_queue_reads_use_the_unplaced_index(app: Any) -> None:
     placed = await make_instance(app, host="h1")
     async with app.state.sessionmaker() as s:
         if s.get_bind().dialect.name == "postgresql":
-            await s.execute(text("SET enable_seqscan = off"))  # a four-row table is read whole otherwise
             for statement in (_PENDING.params(limit=500), _waiting_statement(10_000)):
-                sql = str(statement.compile(s.get_bind(), compile_kwargs={"literal_binds": True}))
-                plan = "\n".join(str(row) for row in await s.execute(text("EXPLAIN " + sql)))
+                plan = await postgresql_plan(s, statement)
                 assert "ix_instances_unplaced" in plan, plan
         queue = [row[0] for row in await s.execute(_PENDING, {"limit": 500})]
         assert len(queue) == 3 and placed not in queue
@@ -234,7 +241,6 @@ async def test_router_lookups_read_only_router_ports(app: Any) -> None:
     """Which networks a router joins, asked for the changed networks on every pass: answered from
     the partial index ``ix_ports_router_interfaces`` on PostgreSQL (router ports only), not by
     reading every port of those networks."""
-    from sqlalchemy import text
 
     from cloudland.controller import router_specs
     from cloudland.db.models import Network, Port
@@ -254,9 +260,6 @@ async def test_router_lookups_read_only_router_ports(app: Any) -> None:
         assert await router_specs.linked_networks(s, [c]) == {}
         assert await router_specs.networks_with_routers(s, [a, b, c]) == {a, b}
         if s.get_bind().dialect.name == "postgresql":
-            await s.execute(text("SET enable_seqscan = off"))
             for statement in (router_specs._linked_stmt(s), router_specs._with_routers_stmt(s)):
-                bound = statement.params(nets=[a])
-                sql = str(bound.compile(s.get_bind(), compile_kwargs={"literal_binds": True}))
-                plan = "\n".join(str(row) for row in await s.execute(text("EXPLAIN " + sql)))
+                plan = await postgresql_plan(s, statement.params(nets=[a]))
                 assert "ix_ports_router_interfaces" in plan, plan
