@@ -95,6 +95,7 @@ class AgentService:
         self._net_specs: dict[str, NetworkSpec] = {}
         self._net_subs: dict[str, Subscription] = {}
         self._group_subs: dict[str, Subscription] = {}  # remote groups the network specs name
+        self._following_groups = asyncio.Lock()  # networks' workers run side by side
         # Last reported status of every instance this host has (never "absent").
         self._status: dict[str, InstanceStatus] = {}
         self._digest: str | None = None  # state_digest of _status; None: to be computed
@@ -282,13 +283,14 @@ class AgentService:
         """Subscribe to the member sets of the remote groups the network specs name."""
         if self.nc is None:
             return
-        named = {g for spec in self._net_specs.values() for g in spec.remote_groups}
-        for group in named - self._group_subs.keys():
-            self._group_subs[group] = await self.nc.subscribe(subjects.group_members(group),
-                                                              cb=self._on_group_members)
-        for group in self._group_subs.keys() - named:
-            with contextlib.suppress(Exception):
-                await self._group_subs.pop(group).unsubscribe()
+        async with self._following_groups:
+            named = {g for spec in self._net_specs.values() for g in spec.remote_groups}
+            for group in named - self._group_subs.keys():
+                self._group_subs[group] = await self.nc.subscribe(subjects.group_members(group),
+                                                                  cb=self._on_group_members)
+            for group in self._group_subs.keys() - named:
+                with contextlib.suppress(Exception):
+                    await self._group_subs.pop(group).unsubscribe()
 
     def _patch_network(self, network_id: str,
                        change: Callable[[NetworkSpec], NetworkSpec | None]) -> None:
