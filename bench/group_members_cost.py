@@ -90,10 +90,8 @@ async def main(args: argparse.Namespace, url: str) -> None:
     direct = secgroups
     await timed("direct: members of every group", lambda s: direct.members_of_groups(s, groups))
     await timed("direct: networks admitting members", lambda s: direct.networks_admitting_members_of(s, nets))
-    await timed("direct: networks with remote rules", lambda s: direct.networks_with_remote_rules(s, nets))
     await timed("index: members of every group", lambda s: index.remote_groups(s, groups))
     await timed("index: networks admitting members", lambda s: index.networks_admitting_members_of(s, nets))
-    await timed("index: networks with remote rules", lambda s: index.networks_with_remote_rules(s, nets))
     claimed = random.sample(devices, 500)
 
     async def refresh(s: AsyncSession) -> None:

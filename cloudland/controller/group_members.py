@@ -102,12 +102,6 @@ _ANY_REMOTE_RULE = select(_rules.c.id).where(_rules.c.remote_group_id.is_not(Non
 
 
 @per_dialect
-def _remote_rule_groups_stmt(one_of: OneOf) -> Select[Any]:
-    return (select(_rules.c.security_group_id).distinct()
-            .where(one_of(_rules.c.security_group_id, "groups"), _rules.c.remote_group_id.is_not(None)))
-
-
-@per_dialect
 def _named_remote_stmt(one_of: OneOf) -> Select[Any]:
     """Those of the groups that a rule names as remote group."""
     return select(_rules.c.remote_group_id).distinct().where(one_of(_rules.c.remote_group_id, "groups"))
@@ -319,25 +313,6 @@ class GroupMemberIndex:
             for group in referring:
                 result.update(project.bound.get(group, ()))
         return result
-
-    async def networks_with_remote_rules(self, session: AsyncSession, network_ids: Iterable[str]) -> set[str]:
-        """``secgroups.networks_with_remote_rules``: the networks with a bound port in a group
-        whose rules name a remote group (their hosts' specs carry member sets)."""
-        nets = sorted(set(network_ids))
-        if not nets or not await self._any_remote_rules(session):
-            return set()
-        await self._sync(session)
-        groups_on: dict[str, set[str]] = {}
-        for net, projects in (await self._projects_on(session, nets)).items():
-            for project in projects:
-                for group, where in self._projects[project].bound.items():
-                    if net in where:
-                        groups_on.setdefault(net, set()).add(group)
-        groups = {g for gs in groups_on.values() for g in gs}
-        if not groups:
-            return set()
-        named = set(await session.scalars(_remote_rule_groups_stmt(session), {"groups": sorted(groups)}))
-        return {net for net, gs in groups_on.items() if gs & named}
 
     # --- reading ----------------------------------------------------------------------------
 

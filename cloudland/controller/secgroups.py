@@ -113,19 +113,6 @@ async def members_of_groups(session: AsyncSession, group_ids: Iterable[str]) -> 
 
 
 @per_dialect
-def _bound_lists_on_stmt(one_of: OneOf) -> Select[Any]:
-    """The distinct security group lists of the bound ports on networks (a few per network)."""
-    return (select(_ports.c.network_id, json_text(_ports.c.security_groups)).distinct()
-            .where(one_of(_ports.c.network_id, "nets"), _ports.c.binding_host_id != ""))
-
-
-@per_dialect
-def _remote_rule_groups_stmt(one_of: OneOf) -> Select[Any]:
-    return (select(_rules.c.security_group_id).distinct()
-            .where(one_of(_rules.c.security_group_id, "groups"), _rules.c.remote_group_id.is_not(None)))
-
-
-@per_dialect
 def _projects_of_networks_stmt(one_of: OneOf) -> Select[Any]:
     return select(_networks.c.project_id).where(one_of(_networks.c.id, "nets")).union(
         select(_ports.c.project_id).where(one_of(_ports.c.network_id, "nets"), _ports.c.project_id != ""))
@@ -144,18 +131,6 @@ def _bound_group_lists_stmt(one_of: OneOf) -> Select[Any]:
     projects = select(_groups.c.project_id).where(one_of(_groups.c.id, "groups"))
     return (select(_ports.c.network_id, json_text(_ports.c.security_groups)).distinct()
             .where(_ports.c.project_id.in_(projects), _ports.c.binding_host_id != ""))
-
-
-async def networks_with_remote_rules(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:
-    """The networks (of ``network_ids``) with a bound port in a group whose rules name a remote
-    group: their hosts' specs carry member sets, which change when ports come and go."""
-    rows = [(net, set(json_value(groups) or [])) for net, groups in await session.execute(
-        _bound_lists_on_stmt(session), {"nets": list(network_ids)})]
-    groups = {g for _, gs in rows for g in gs}
-    if not groups:
-        return set()
-    named = set(await session.scalars(_remote_rule_groups_stmt(session), {"groups": sorted(groups)}))
-    return {net for net, gs in rows if gs & named}
 
 
 async def networks_admitting_members_of(session: AsyncSession, network_ids: Iterable[str]) -> set[str]:

@@ -211,6 +211,7 @@ async def test_reports_are_written_while_a_pass_runs(cloud: Cloud) -> None:
         assert cloud.controller.passes == passes
 
 
+@pytest.mark.e2e  # waits out a host's down threshold: seconds, with the end-to-end set
 @pytest.mark.both_databases
 async def test_a_dead_host_is_written_down_while_a_pass_runs(cloud: Cloud) -> None:
     """The host watcher marks and writes a silent host down beside the passes: with every pass

@@ -82,8 +82,6 @@ class World:
             for subset in [[n] for n in nets] + [nets, nets[:2]]:
                 assert (await self.index.networks_admitting_members_of(s, subset)
                         == await secgroups.networks_admitting_members_of(s, subset)), subset
-                assert (await self.index.networks_with_remote_rules(s, subset)
-                        == await secgroups.networks_with_remote_rules(s, subset)), subset
             assert await self.index.remote_groups(s, groups) == await secgroups.members_of_groups(s, groups)
             for g in groups:
                 assert await self.index.remote_groups(s, [g]) == await secgroups.members_of_groups(s, [g])
@@ -274,13 +272,11 @@ async def test_only_remote_rules_fan_out(app: Any, client: httpx.AsyncClient, ad
     server_id = str((await w.call("POST", f"{V21}/servers", body={"server": body}))["server"]["id"])
     await w.claim([server_id], "h1")
     async with app.state.sessionmaker() as s:
-        assert await w.index.networks_with_remote_rules(s, [private]) == set()
         assert await w.index.networks_admitting_members_of(s, [private]) == set()
     await w.post(f"{N}/security-group-rules", "security_group_rule", {
         "security_group_id": plain["id"], "direction": "ingress", "remote_group_id": plain["id"]})
     await w.compare()
     async with app.state.sessionmaker() as s:
-        assert await w.index.networks_with_remote_rules(s, [private]) == {private}
         assert await w.index.networks_admitting_members_of(s, [private]) == {private}
 
 
@@ -300,7 +296,6 @@ async def test_no_remote_rules_reads_no_project(app: Any, client: httpx.AsyncCli
     await w.claim([server_id], "h1")
     w.deliver_wakes()
     async with app.state.sessionmaker() as s:
-        assert await w.index.networks_with_remote_rules(s, [private]) == set()
         assert await w.index.networks_admitting_members_of(s, [private]) == set()
     assert w.index.loads == 0
     group = named[0]["security_group_id"]
@@ -308,5 +303,5 @@ async def test_no_remote_rules_reads_no_project(app: Any, client: httpx.AsyncCli
         "security_group_id": group, "direction": "ingress", "remote_group_id": group}, "admin")
     await w.compare()
     async with app.state.sessionmaker() as s:
-        assert await w.index.networks_with_remote_rules(s, [private]) == {private}
+        assert await w.index.networks_admitting_members_of(s, [private]) == {private}
     assert w.index.loads > 0
