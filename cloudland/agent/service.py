@@ -50,6 +50,7 @@ from cloudland.bus.messages import (
     NetworkPeers,
     NetworkSpec,
     Resources,
+    SetChangeMessage,
     decode,
     encode,
     state_digest,
@@ -58,7 +59,7 @@ from cloudland.config import Config
 
 log = logging.getLogger(__name__)
 
-_Update = TypeVar("_Update", NetworkPeers, GroupMembers)
+_Update = TypeVar("_Update", bound=SetChangeMessage)
 
 _INVALID_ID_CHARS = set(".*> \t\r\n")
 

@@ -191,34 +191,34 @@ class EnsureNetworkAbsent(Message, tag="ensure_network_absent"):
     network_id: str
 
 
-class NetworkPeers(Message, tag="network_peers"):
+class SetChangeMessage(Message, kw_only=True):
+    """A set published by the controller to the hosts that follow it (``NetworkPeers``,
+    ``GroupMembers``). ``full``: ``addresses`` is the whole set. Otherwise the change since the
+    last message: ``added`` and ``removed`` (set operations, so a repeated one does no harm). A
+    whole set is sent again from time to time, which mends a follower that missed a change (e.g.
+    one published before its subscription reached the server)."""
+
+    full: bool = True
+    addresses: list[str] = []
+    added: list[str] = []
+    removed: list[str] = []
+
+
+class NetworkPeers(SetChangeMessage, tag="network_peers", kw_only=True):
     """Controller → every hypervisor of one network, on ``net.<network id>.peers``: the underlay
     addresses of the hypervisors that carry it (each agent leaves out its own). One message per
     membership change instead of an ``EnsureNetwork`` to every member; an agent subscribes while
-    it carries the network, so NATS delivers it only down the branches that have members.
-
-    ``full``: ``addresses`` is the whole list. Otherwise the change since the last message:
-    ``added`` and ``removed`` (set operations, so a repeated one does no harm). A full list is
-    sent again from time to time, which mends an agent that missed a change (e.g. one published
-    before its subscription reached the server)."""
+    it carries the network, so NATS delivers it only down the branches that have members."""
 
     network_id: str
-    full: bool = True
-    addresses: list[str] = []
-    added: list[str] = []
-    removed: list[str] = []
 
 
-class GroupMembers(Message, tag="group_members"):
+class GroupMembers(SetChangeMessage, tag="group_members", kw_only=True):
     """Controller → the hypervisors whose rules name a security group as remote group, on
-    ``sg.<group id>.members``: the group's member addresses, whole or as a change, as
-    ``NetworkPeers``. An agent puts them in the ``remote_groups`` of its network specs."""
+    ``sg.<group id>.members``: the group's member addresses. An agent puts them in the
+    ``remote_groups`` of its network specs."""
 
     group_id: str
-    full: bool = True
-    addresses: list[str] = []
-    added: list[str] = []
-    removed: list[str] = []
 
 
 HostCommand = EnsureInstance | EnsureInstanceAbsent | EnsureNetwork | EnsureNetworkAbsent

@@ -29,7 +29,7 @@ instead of each taking its own.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 REFRESH_SECONDS = 300.0
 # Whole sets sent again per call of ``changes`` at most (the rest next time).
@@ -44,6 +44,10 @@ class SetChange(NamedTuple):
     members: list[str]  # the whole set (``full``), else empty
     added: list[str]
     removed: list[str]
+
+    def fields(self) -> dict[str, Any]:
+        """The fields of ``bus.messages.SetChangeMessage`` this change fills."""
+        return {"full": self.full, "addresses": self.members, "added": self.added, "removed": self.removed}
 
 
 class BroadcastSets:

@@ -417,11 +417,11 @@ class Reconciler:
         async with self._publishing:
             now = self.clock()
             for c in self.peer_sets.changes(now):
-                await self.broadcast(subjects.network_peers(c.key), NetworkPeers(
-                    network_id=c.key, full=c.full, addresses=c.members, added=c.added, removed=c.removed))
+                message: Message = NetworkPeers(network_id=c.key, **c.fields())
+                await self.broadcast(subjects.network_peers(c.key), message)
             for c in self.group_sets.changes(now):
-                await self.broadcast(subjects.group_members(c.key), GroupMembers(
-                    group_id=c.key, full=c.full, addresses=c.members, added=c.added, removed=c.removed))
+                message = GroupMembers(group_id=c.key, **c.fields())
+                await self.broadcast(subjects.group_members(c.key), message)
 
     def _networks_changed(self, host: str | None, networks: Iterable[str]) -> None:
         """Ports came or went on ``host``: it and its peers on those networks need new specs."""
