@@ -193,7 +193,7 @@ class AllInOne:
                                                user_clouds_yaml=self.user_clouds_yaml,
                                                external=topo.outside if topo else None,
                                                external6=topo.outside6 if topo else None)
-        server = http_server(create_app(cfg), cfg.api.listen_host, cfg.api.listen_port)
+        server = http_server(create_app(cfg, tune_gc=True), cfg.api.listen_host, cfg.api.listen_port)
         api_task = asyncio.create_task(server.serve(sockets=bind_sockets(listen, cfg.api.listen_port)))
         controller = ControllerService(cfg)
         await controller.start()

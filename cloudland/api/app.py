@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -17,6 +16,7 @@ from cloudland.api.errors import ApiError, render_error
 from cloudland.bus.connection import connect
 from cloudland.config import Config
 from cloudland.db.engine import make_engine, make_sessionmaker
+from cloudland.service_gc import tune_for_service
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +29,8 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "Invalid input for request: " + "; ".join(parts)
 
 
-_frozen = False
-
-
-def freeze_startup_objects() -> None:
-    """Once per process: move what is alive after startup (modules, routes, SQLAlchemy and
-    pydantic machinery: hundreds of thousands of objects) out of the garbage collector's reach.
-    A full collection otherwise walks all of them: ~100 ms, the tail of list pages, which
-    allocate tens of thousands of containers each."""
-    global _frozen
-    if not _frozen:
-        _frozen = True
-        gc.collect()
-        gc.freeze()
-
-
-def create_app(config: Config, *, connect_bus: bool = True, freeze_gc: bool = False) -> FastAPI:
-    """``freeze_gc``: call ``freeze_startup_objects`` once started (for a process that serves
+def create_app(config: Config, *, connect_bus: bool = True, tune_gc: bool = False) -> FastAPI:
+    """``tune_gc``: ``service_gc.tune_for_service`` once started (for a process that serves
     only this app, such as an API worker; not for tests, which create many apps)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -55,8 +40,8 @@ def create_app(config: Config, *, connect_bus: bool = True, freeze_gc: bool = Fa
         app.state.bus = await connect(config.nats.url, "cloudland-api") if connect_bus else None
         for service in (identity, compute, image, network, internal, metadata):
             await service.setup(app, config)
-        if freeze_gc:
-            freeze_startup_objects()
+        if tune_gc:
+            tune_for_service()
         try:
             yield
         finally:

@@ -36,7 +36,7 @@ def serve(config_path: Path, port: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", port))
-    server = _Server(uvicorn.Config(create_app(config, freeze_gc=True), loop="uvloop", http="httptools",
+    server = _Server(uvicorn.Config(create_app(config, tune_gc=True), loop="uvloop", http="httptools",
                                            log_level="warning", access_log=False, lifespan="on",
                                            backlog=4096))
     server.run(sockets=[sock])

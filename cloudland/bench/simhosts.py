@@ -27,6 +27,7 @@ from cloudland.agent.service import AgentService
 from cloudland.bus.connection import connect
 from cloudland.bus.messages import ImageRef
 from cloudland.config import Config
+from cloudland.service_gc import tune_for_service
 
 
 class NoImageCache(ImageCache):
@@ -87,6 +88,7 @@ async def run(args: argparse.Namespace) -> None:
     for start in range(0, len(agents), batch):
         await asyncio.gather(*(a.start() for a in agents[start:start + batch]))
         await asyncio.sleep(args.heartbeat / 20)
+    tune_for_service()
     print(f"ready {len(agents)}", flush=True)
     await stop.wait()
     await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from cloudland.bench.cli import bench_app, nats_app
 from cloudland.config import Config, load_config
+from cloudland.service_gc import tune_for_service
 
 app = typer.Typer(help="Cloudland: a lightweight, OpenStack-compatible cloud.", no_args_is_help=True)
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
@@ -61,6 +62,7 @@ async def _serve_until_signal(service) -> None:  # type: ignore[no-untyped-def]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping, sig)
     await service.start()
+    tune_for_service()
     try:
         await stop.wait()
     finally:
@@ -254,7 +256,7 @@ def api(state_dir: StateDir = None, config_path: ConfigPath = None) -> None:
 
     _setup_logging()
     cfg = _config(state_dir, config_path)
-    uvicorn.run(create_app(cfg, freeze_gc=True), host=cfg.api.listen_host, port=cfg.api.listen_port,
+    uvicorn.run(create_app(cfg, tune_gc=True), host=cfg.api.listen_host, port=cfg.api.listen_port,
                 log_level="warning", access_log=False)
 
 
