@@ -318,7 +318,7 @@ class AgentService:
         def change(spec: NetworkSpec) -> NetworkSpec | None:
             peers = _changed_list(spec.peers, update.full, [a for a in update.addresses if a != own],
                                   [a for a in update.added if a != own], update.removed)
-            return None if peers == spec.peers else msgspec.structs.replace(spec, peers=peers)
+            return None if peers is None else msgspec.structs.replace(spec, peers=peers)
 
         self._patch_network(update.network_id, change)
 
@@ -327,17 +327,17 @@ class AgentService:
         if update is None:
             return
         group = update.group_id
-        done: tuple[list[str], list[str]] | None = None  # (old, new): specs mostly share the old
+        done: tuple[list[str], list[str] | None] | None = None  # (old, new): specs mostly share the old
 
         def change(spec: NetworkSpec) -> NetworkSpec | None:
             nonlocal done
             old = spec.remote_groups.get(group)
             if old is None:
                 return None
-            if done is None or done[0] != old:
+            if done is None or (done[0] is not old and done[0] != old):
                 done = (old, _changed_list(old, update.full, update.addresses, update.added, update.removed))
             members = done[1]
-            if members == old:
+            if members is None:
                 return None
             return msgspec.structs.replace(spec, remote_groups={**spec.remote_groups, group: members})
 
@@ -532,12 +532,21 @@ def _describe(e: BaseException) -> str:
 
 
 def _changed_list(current: list[str], full: bool, whole: list[str], added: list[str],
-                  removed: list[str]) -> list[str]:
-    """A sorted set after a ``NetworkPeers``/``GroupMembers`` message: the whole set, or
-    ``current`` (sorted) changed by binary searches: a member set is hundreds long, its change a
-    few, and a simulated hypervisor process takes each message once per host."""
+                  removed: list[str]) -> list[str] | None:
+    """A sorted set after a ``NetworkPeers``/``GroupMembers`` message, or None when the message
+    changes nothing: the whole set, or ``current`` (sorted) changed by binary searches. A member
+    set is hundreds long, its change a few, and a simulated hypervisor process takes each
+    message once per host: ``current`` is copied only when something changes."""
     if full:
-        return sorted(set(whole))
+        result = sorted(set(whole))
+        return None if result == current else result
+
+    def has(items: list[str], address: str) -> bool:
+        i = bisect_left(items, address)
+        return i < len(items) and items[i] == address
+
+    if not any(has(current, a) for a in removed) and all(has(current, a) for a in added):
+        return None
     result = list(current)
     for address in removed:
         i = bisect_left(result, address)

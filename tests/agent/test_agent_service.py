@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from cloudland.agent.drivers.compute.simulated import SimulatedComputeDriver
 from cloudland.agent.drivers.network.simulated import SimulatedNetworkDriver
 from cloudland.agent.factory import build_drivers, host_tag, underlay_address
-from cloudland.agent.service import AgentService
+from cloudland.agent.service import AgentService, _changed_list
 from cloudland.allinone.nats import NatsServer
 from cloudland.bus import subjects
 from cloudland.bus.connection import subscriptions_ready
@@ -471,3 +471,15 @@ async def test_group_members_whole_and_changes(harness: Harness) -> None:
     await become("net-1", {"g1": ["10.0.0.8"], "g2": ["10.0.9.9"]})
     await become("net-2", {"g1": ["10.0.0.8"]})
     assert members("net-3") == {}
+
+
+def test_a_set_change_that_changes_nothing_leaves_the_list_alone() -> None:
+    """``_changed_list``: None when a message changes nothing (the spec is not applied again),
+    else a new sorted list; the list it was given is never changed in place (specs share it)."""
+    current = ["10.0.0.1", "10.0.0.3"]
+    assert _changed_list(current, False, [], ["10.0.0.3"], ["10.0.0.2"]) is None
+    assert _changed_list(current, True, ["10.0.0.3", "10.0.0.1", "10.0.0.1"], [], []) is None
+    assert _changed_list(current, False, [], ["10.0.0.2"], ["10.0.0.1"]) == ["10.0.0.2", "10.0.0.3"]
+    assert _changed_list(current, False, [], [], ["10.0.0.3"]) == ["10.0.0.1"]
+    assert _changed_list(current, True, ["10.0.0.9"], [], []) == ["10.0.0.9"]
+    assert current == ["10.0.0.1", "10.0.0.3"]
