@@ -78,13 +78,19 @@ class Proc:
         return proc_peak_rss_mb(self.popen.pid)
 
 
-def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of a live process."""
+def proc_cpu(pid: int, reaped_children: bool = False) -> float:
+    """User + system CPU seconds of a live process; with ``reaped_children``, also those of its
+    children that exited and were waited for (PostgreSQL's backends come and go: the pools
+    recycle connections after 5 minutes and close their overflow; a long run's figure missed
+    most of its CPU without them)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _children(pid: int) -> list[int]:
@@ -550,7 +556,8 @@ class ScaleBench:
             pid_file = self.pg.data_dir / "postmaster.pid"
             with contextlib.suppress(OSError, ValueError):
                 master = int(pid_file.read_text().split()[0])
-                roles["postgres"] = {pid: proc_cpu(pid) for pid in [master, *_children(master)]}
+                roles["postgres"] = {pid: proc_cpu(pid) for pid in _children(master)}
+                roles["postgres"][master] = proc_cpu(master, reaped_children=True)
         roles["bench_client"] = {0: self_cpu()}
         return roles
 
