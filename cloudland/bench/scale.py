@@ -34,6 +34,7 @@ from cloudland.controller.stats import percentiles
 
 V21 = "/compute/v2.1"
 LOCAL_POSTGRES = "local-postgres"
+CONTROL_PLANE_ROLES = ("api", "controller", "postgres")
 
 
 @dataclass
@@ -646,6 +647,10 @@ class ScaleBench:
             # scheduling, converging: building and sending specs).
             "controller_phase_seconds": stats.get("pass_phase_seconds", {}),
             "cpu_seconds_by_role": roles,
+            # API, controller and database per accepted create: what the control plane costs
+            # apart from the simulation, which shares this machine's cores with it.
+            "control_plane_cpu_ms_per_create": 1000 * sum(roles.get(r, 0.0) for r in CONTROL_PLANE_ROLES)
+            / max(1, len(launch.sent)),
             "relays": len(self.relays),
             # Heartbeats the controller's own relay forwarded (all of them without leaf relays).
             "heartbeats_relayed_by_controller": stats.get("relayed_in_process", 0),
@@ -711,6 +716,8 @@ def report(f: dict[str, Any]) -> str:
         f"down detection      {s(f['down_detection_s'])} for {f['down_group']} killed hypervisors",
         f"CPU during launch   {f['launch_seconds']:.0f} s wall; CPU seconds by role: "
         + ", ".join(f"{k} {v:.0f}" for k, v in f["cpu_seconds_by_role"].items()),
+        f"control plane       {f.get('control_plane_cpu_ms_per_create', 0):.2f} ms CPU per create "
+        f"({', '.join(CONTROL_PLANE_ROLES)})",
     ])
 
 

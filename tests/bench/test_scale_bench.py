@@ -13,7 +13,7 @@ from cloudland.bench.scale import ScaleOptions, report, run_scale
 
 FIGURES = ("vms_per_second", "create_to_active_p50_s", "create_to_active_p99_s", "success_rate",
            "list_page_median_s", "controller_cpu_percent", "controller_peak_rss_mb", "api_cpu_percent",
-           "api_peak_rss_mb", "heartbeat_lag_p99_s", "down_detection_s")
+           "api_peak_rss_mb", "heartbeat_lag_p99_s", "down_detection_s", "control_plane_cpu_ms_per_create")
 
 
 @pytest.mark.e2e  # ~15 s of processes; keeps the fast set under 2 minutes
@@ -31,3 +31,4 @@ async def test_small_scale_run(tmp_path: Path, postgres: Any) -> None:
     assert figures["list_servers_seen"] == 500 and figures["list_pages"] >= 2
     assert figures["down_group"] == 10 and figures["down_detection_s"] > 3.0
     assert figures["vms_per_second"] > 0 and figures["controller_peak_rss_mb"] > 0
+    assert figures["control_plane_cpu_ms_per_create"] > 0
