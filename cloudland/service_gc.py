@@ -10,8 +10,8 @@ collections, the controller's and API's about a tenth.
 
 After startup: what is alive is frozen (never scanned again; it lives as long as the process),
 and collections run less often. Reference counting frees almost everything at once anyway; the
-collector only finds cycles, and a young generation of 50,000 objects takes a few milliseconds
-to scan.
+collector only finds cycles. A young collection (up to 50,000 objects) then takes up to a few
+tens of milliseconds (measured ~35 ms in a simulated-hypervisor process), a few times a minute.
 """
 
 from __future__ import annotations
