@@ -16,6 +16,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from argon2 import PasswordHasher
+
 from cloudland.config import Config
 from cloudland.db.local_postgres import LocalPostgres
 
@@ -40,15 +42,27 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         raise errors[0]
 
 
+# The template's users get argon2id hashes with small parameters: each test verifies their
+# passwords afresh (a new app has a new verified-credential cache), ~0.15 s a user with the
+# product's parameters, a quarter of the fast set's time. Verifying reads the parameters from
+# the hash; users the tests create get the product's.
+TEMPLATE_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
 async def _bootstrap(config: Config) -> None:
     from cloudland.api.app import create_app
+    from cloudland.api.identity import passwords
     from cloudland.api.identity.bootstrap import bootstrap_identity
     from cloudland.db.migrate import upgrade_async
 
     await upgrade_async(config.database_url)
     application = create_app(config, connect_bus=False)
-    async with application.router.lifespan_context(application):
-        await bootstrap_identity(application.state.sessionmaker, config)
+    product_hasher, passwords._hasher = passwords._hasher, TEMPLATE_HASHER
+    try:
+        async with application.router.lifespan_context(application):
+            await bootstrap_identity(application.state.sessionmaker, config)
+    finally:
+        passwords._hasher = product_hasher
 
 
 def make_template_state(state_dir: Path) -> None:
