@@ -540,20 +540,21 @@ def _changed_list(current: list[str], full: bool, whole: list[str], added: list[
     if full:
         result = sorted(set(whole))
         return None if result == current else result
-
-    def has(items: list[str], address: str) -> bool:
-        i = bisect_left(items, address)
-        return i < len(items) and items[i] == address
-
-    if not any(has(current, a) for a in removed) and all(has(current, a) for a in added):
+    if not any(_find(current, a)[1] for a in removed) and all(_find(current, a)[1] for a in added):
         return None
     result = list(current)
     for address in removed:
-        i = bisect_left(result, address)
-        if i < len(result) and result[i] == address:
+        i, found = _find(result, address)
+        if found:
             del result[i]
     for address in added:
-        i = bisect_left(result, address)
-        if i == len(result) or result[i] != address:
+        i, found = _find(result, address)
+        if not found:
             result.insert(i, address)
     return result
+
+
+def _find(items: list[str], address: str) -> tuple[int, bool]:
+    """Where ``address`` is or would go in the sorted ``items``, and whether it is there."""
+    i = bisect_left(items, address)
+    return i, i < len(items) and items[i] == address
