@@ -256,9 +256,14 @@ class AgentService:
         try:
             if isinstance(cmd, EnsureNetwork):
                 # Recorded first: a peer list arriving meanwhile applies to this spec, not an older one.
+                before = self._net_specs.get(cmd.spec.id)
                 self._net_specs[cmd.spec.id] = cmd.spec
                 await self._follow_peers(cmd.spec.id, True)
-                await self._follow_groups()
+                groups = cmd.spec.remote_groups.keys()
+                # Most specs are the last one with a changed peer list or member set: the same groups.
+                if before is None or before.remote_groups.keys() != groups \
+                        or not groups <= self._group_subs.keys():
+                    await self._follow_groups()
                 await self.network.ensure_network(cmd.spec)
             else:
                 self._net_specs.pop(cmd.network_id, None)

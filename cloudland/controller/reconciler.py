@@ -43,6 +43,7 @@ from cloudland.controller.columns import OneOf, json_text, json_value, per_diale
 from cloudland.controller.group_members import GroupMemberIndex
 from cloudland.controller.hosts import HostIndex, HostInfo
 from cloudland.controller.instance_status import Outcome, apply_statuses, finalize_delete
+from cloudland.controller.network_hosts import NetworkHostCache
 from cloudland.controller.specs import InstanceRow
 from cloudland.controller.usage import HostUsage
 from cloudland.db.models import UNPLACED, Host, Instance
@@ -56,9 +57,11 @@ GROUP_SETS_BUDGET = 2000.0
 # The groups considered, and the member sets of those named as remote group (``_converge``).
 MemberSets = tuple[set[str], dict[str, list[str]]]
 
-Send = Callable[[str, HostCommand], Awaitable[None]]
+# (host, command, the command encoded): the reconciler encodes a network spec anyway, for its digest.
+Send = Callable[[str, HostCommand, bytes], Awaitable[None]]
 Broadcast = Callable[[str, Message], Awaitable[None]]
 HostNet = tuple[str, str]
+Outgoing = tuple[str, HostCommand, bytes]  # (host, command, the command encoded)
 
 
 _instances = Instance.__table__
@@ -195,6 +198,7 @@ class Reconciler:
         self._state_boot_ids: dict[str, str] = {}
         self._reported_networks: dict[str, set[str]] = {}
         self._peers_of: set[str] = set()  # networks whose member hosts need fresh peer lists
+        self.network_hosts = NetworkHostCache()
         self._sweep_marker = ""
         # Wall seconds spent in each phase of the passes (the controller's stats).
         self.phase_seconds: defaultdict[str, float] = defaultdict(float)
@@ -268,6 +272,7 @@ class Reconciler:
         nets = list(network_ids)
         self._sg_networks.update(nets)
         self.members.networks_changed(nets)
+        self.network_hosts.drop(nets)
 
     @property
     def has_work(self) -> bool:
@@ -297,6 +302,14 @@ class Reconciler:
             await self.hosts.persist(session)
 
     async def run_pass(self, sweep: bool = False) -> None:
+        try:
+            await self._run_pass(sweep)
+        except BaseException:
+            # Its transactions may have read network members they then rolled back.
+            self.network_hosts.drop_all()
+            raise
+
+    async def _run_pass(self, sweep: bool) -> None:
         self.mark_silent_hosts_down()
         started = time.monotonic()
         await self.flush_reports()
@@ -378,7 +391,7 @@ class Reconciler:
         linked = await specs.router_specs.linked_networks(session, nets)
         via_router = {m for n in nets for m in linked.get(n, ())} - nets
         nets = nets | via_router
-        members = await specs.hosts_of_networks(session, nets, memo)
+        members = await self._hosts_of(session, nets, memo)
         # Routers' static neighbours travel in full specs, not in NetworkPeers. (Remote groups'
         # members go out as GroupMembers.)
         with_routers: set[str] = set()
@@ -388,7 +401,7 @@ class Reconciler:
             # A group's members span its project: without a broadcast, hosts on other networks
             # whose rules admit a group with members here need a new spec too.
             admitting = await self.members.networks_admitting_members_of(session, nets) - nets
-            for net, hosts in (await specs.hosts_of_networks(session, admitting)).items():
+            for net, hosts in (await self._hosts_of(session, admitting)).items():
                 self.dirty_nets.update((h, net) for h in hosts)
         routed = via_router | (nets & linked.keys())
         if routed:
@@ -403,6 +416,10 @@ class Reconciler:
                 self.fanout_nets.update((h, net) for h in hosts)
             addresses = sorted({a for h in hosts for a in [self._peer_address(h)] if a})
             self.peer_sets.update(net, addresses)
+
+    async def _hosts_of(self, session: AsyncSession, nets: Iterable[str],
+                        memo: dict[str, set[str]] | None = None) -> dict[str, set[str]]:
+        return await specs.hosts_of_networks(session, nets, memo, self.network_hosts)
 
     @property
     def sets_waiting(self) -> bool:
@@ -423,12 +440,18 @@ class Reconciler:
                 message = GroupMembers(group_id=c.key, **c.fields())
                 await self.broadcast(subjects.group_members(c.key), message)
 
-    def _networks_changed(self, host: str | None, networks: Iterable[str]) -> None:
-        """Ports came or went on ``host``: it and its peers on those networks need new specs."""
+    def _networks_changed(self, host: str | None, networks: Iterable[str], gained: bool = False) -> None:
+        """Ports came or went on ``host``: it and its peers on those networks need new specs.
+        ``gained``: the controller bound them there (committed), so ``host`` carries them."""
+        networks = list(networks)
         for net in networks:
             if host:
                 self.dirty_nets.add((host, net))
             self._peers_of.add(net)
+        if gained and host:
+            self.network_hosts.gained(host, networks)
+        else:
+            self.network_hosts.drop(networks)
 
     async def _collect(self, session: AsyncSession, sweep: bool) -> None:
         """Turn host events and expired commands into dirty instances and networks."""
@@ -451,7 +474,7 @@ class Reconciler:
                     self.dirty_nets.add((host, net))
         if self._sg_networks:
             sg_nets, self._sg_networks = self._sg_networks, set()
-            for net, hosts in (await specs.hosts_of_networks(session, sg_nets)).items():
+            for net, hosts in (await self._hosts_of(session, sg_nets)).items():
                 self.dirty_nets.update((h, net) for h in hosts)
         if changed:
             nets = await specs.networks_of_hosts(session, changed)
@@ -459,6 +482,7 @@ class Reconciler:
         await self._peer_updates(session)
         if sweep:
             released = await specs.router_specs.release_gateways(session)
+            self.network_hosts.drop(net for _, net in released)
             self.dirty_nets.update(released)
             ids = list(await session.scalars(
                 select(Instance.id).where(Instance.deleted_at.is_(None), Instance.id > self._sweep_marker)
@@ -517,11 +541,13 @@ class Reconciler:
             for iid, host in picks:
                 if iid in claimed:
                     self.dirty.add(iid)
-                    self._networks_changed(host.id, claimed[iid])
                     self.usage.claim(host.id, flavors[iid])
             # The picked hosts from capacity - usage again: a claim's usage was just added, a failed
             # claim (placed or deleted meanwhile) gives its capacity back.
             placement.update([host for _, host in picks], self.usage.by_host)
+        for iid, host in picks:  # committed: their hosts carry those networks
+            if iid in claimed:
+                self._networks_changed(host.id, claimed[iid], gained=True)
         # The claimed instances are dirty: converge() (next in the pass) sends the peer updates.
 
     # --- converging ------------------------------------------------------------------------
@@ -567,11 +593,11 @@ class Reconciler:
             self.usage.release(inst.host, inst.flavor)
         for inst in absent:
             await self._send_absent(inst.host or "", inst.id)
-        for host, command in commands:
-            await self.send(host, command)
+        for host, command, data in commands:
+            await self.send(host, command, data)
 
     async def _converge(self, batch: set[str]) -> tuple[
-            list[tuple[str, HostCommand]], list[InstanceRow], list[Instance], MemberSets]:
+            list[Outgoing], list[InstanceRow], list[Instance], MemberSets]:
         """Commands to send, instances to tell their host to destroy, instances finalized, and
         the remote groups whose members may have changed with their member sets now."""
         ensure: dict[str, list[InstanceRow]] = defaultdict(list)
@@ -586,6 +612,8 @@ class Reconciler:
                     # Deleted by the API itself (its host was down or it had none): its ports
                     # went without the controller, so their project is read again.
                     self.members.project_changed(inst.project_id)
+                    if inst.host:
+                        self.network_hosts.drop_host(inst.host)
                     continue
                 host = inst.host
                 up = self.hosts.is_up(host)
@@ -641,7 +669,7 @@ class Reconciler:
 
     async def _build_commands(self, session: AsyncSession, ensure: dict[str, list[InstanceRow]],
                               members_memo: dict[str, set[str]] | None = None
-                              ) -> list[tuple[str, HostCommand]]:
+                              ) -> list[Outgoing]:
         """Network commands first (the agent plugs ports into existing bridges), then instances."""
         instances = [i for items in ensure.values() for i in items]
         ports = await specs.instance_ports(session, [i.id for i in instances])
@@ -660,12 +688,13 @@ class Reconciler:
                 pairs.add(self.fanout_nets.pop())
         pairs = {(h, n) for h, n in pairs if self.hosts.is_up(h)}
         now = self.clock()
-        commands: list[tuple[str, HostCommand]] = []
+        commands: list[Outgoing] = []
         force = {(h, p.network_id) for h, items in ensure.items() for i in items for p in ports[i.id]}
         bindings = specs.router_specs.GatewayBindings()
         net_specs = await specs.network_specs(session, pairs, self._peer_address, bindings, self.members,
-                                              members_memo)
+                                              members_memo, self.network_hosts)
         if bindings.new:  # a host got its gateway port on an external network: it needs that network
+            self.network_hosts.drop(net for _, net in bindings.new)
             self.dirty_nets.update(bindings.new)
             self._peers_of.update(net for _, net in bindings.new)
         for (host, net), spec in sorted(net_specs.items(), key=lambda kv: kv[0]):
@@ -673,7 +702,8 @@ class Reconciler:
             if spec is None and net not in self._reported_networks.get(host, set()) \
                     and (host, net) not in self.net_sent:
                 continue  # never had it
-            digest = hashlib.sha256(encode(cmd)).hexdigest()
+            data = encode(cmd)
+            digest = hashlib.sha256(data).hexdigest()
             sent = self.net_sent.get((host, net))
             if sent and sent[0] == digest and now - sent[1] < self.network_resend \
                     and (host, net) not in force:
@@ -683,13 +713,14 @@ class Reconciler:
                 self._reported_networks.get(host, set()).discard(net)
             else:
                 self.net_sent[(host, net)] = (digest, now)
-            commands.append((host, cmd))
+            commands.append((host, cmd, data))
         for host, items in ensure.items():
             for inst in items:
                 image = images.get(inst.image_id) if inst.image_id else None
                 spec = specs.instance_spec(inst, ports[inst.id], image)
                 self.inflight[(host, inst.id)] = InFlight(self._fingerprint(inst), now)
-                commands.append((host, EnsureInstance(spec=spec)))
+                command = EnsureInstance(spec=spec)
+                commands.append((host, command, encode(command)))
         return commands
 
     def _peer_address(self, host: str) -> str | None:
@@ -700,4 +731,5 @@ class Reconciler:
         if not host or not self.hosts.is_up(host) or self._in_flight(iid, host, ("absent",)):
             return
         self.inflight[(host, iid)] = InFlight(("absent",), self.clock())
-        await self.send(host, EnsureInstanceAbsent(instance_id=iid))
+        command = EnsureInstanceAbsent(instance_id=iid)
+        await self.send(host, command, encode(command))

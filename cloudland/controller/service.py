@@ -246,11 +246,11 @@ class ControllerService:
 
     # --- NATS ------------------------------------------------------------------------------
 
-    async def _send(self, host_id: str, command: HostCommand) -> None:
+    async def _send(self, host_id: str, command: HostCommand, data: bytes) -> None:
         if self.nc is None or not self.nc.is_connected:
             return  # the next pass sends it again
         try:
-            await self.nc.publish(subjects.host_cmd(host_id), encode(command))
+            await self.nc.publish(subjects.host_cmd(host_id), data)
         except Exception as e:
             log.warning("cannot send %s to %s: %s", type(command).__name__, host_id, e)
 

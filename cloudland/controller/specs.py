@@ -31,6 +31,7 @@ from cloudland.db.models import Image, Instance, IpAllocation, Network, Port, Su
 
 if TYPE_CHECKING:
     from cloudland.controller.group_members import GroupMemberIndex
+    from cloudland.controller.network_hosts import NetworkHostCache
 
 DHCP_OWNER = "network:dhcp"
 
@@ -247,11 +248,14 @@ async def networks_of_hosts(session: AsyncSession, host_ids: Iterable[str]) -> d
 
 
 async def hosts_of_networks(session: AsyncSession, network_ids: Iterable[str],
-                            memo: dict[str, set[str]] | None = None) -> dict[str, set[str]]:
+                            memo: dict[str, set[str]] | None = None,
+                            cache: NetworkHostCache | None = None) -> dict[str, set[str]]:
     """{network: hosts that carry it} (``networks_of_hosts`` the other way round).
 
     ``memo``: networks already read in this transaction (not read again), and where the ones
-    read now go: one pass asks for the members of mostly the same networks more than once."""
+    read now go: one pass asks for the members of mostly the same networks more than once.
+    ``cache``: the controller's ``NetworkHostCache``: the networks' own hosts come from it
+    where it has them, and the ones read go there."""
     asked = list(network_ids)
     known = {n: memo[n] for n in asked if n in memo} if memo is not None else {}
     nets = [n for n in asked if n not in known]
@@ -263,9 +267,17 @@ async def hosts_of_networks(session: AsyncSession, network_ids: Iterable[str],
         linked = await router_specs.linked_networks(session, nets)
         wanted = set(nets) | {m for n in nets for m in linked.get(n, ())}
         direct: dict[str, set[str]] = defaultdict(set)
-        rows = await session.execute(_network_hosts_stmt(session), {"nets": list(wanted)})
-        for net, host in rows:
-            direct[net].add(host)
+        if cache is not None:
+            direct.update(cache.known(wanted))
+        missing = sorted(wanted - direct.keys())
+        if missing:
+            since = cache.generation() if cache is not None else 0
+            read: dict[str, set[str]] = {n: set() for n in missing}
+            for net, host in await session.execute(_network_hosts_stmt(session), {"nets": missing}):
+                read[net].add(host)
+            direct.update(read)
+            if cache is not None:
+                cache.store(read, since)
         for net in nets:
             result[net].update(direct[net], *(direct[m] for m in linked.get(net, ())))
     return {**result, **known}
@@ -293,6 +305,7 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
                         bindings: router_specs.GatewayBindings | None = None,
                         member_index: GroupMemberIndex | None = None,
                         members_memo: dict[str, set[str]] | None = None,
+                        host_cache: NetworkHostCache | None = None,
                         ) -> dict[HostNetwork, NetworkSpec | None]:
     """NetworkSpec per (host, network); None where the host has no port on it any more.
 
@@ -300,7 +313,7 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
     Gateway ports bound to a host while building routers are added to ``bindings``: those
     hosts need the external network's spec too. Remote groups' members come from
     ``member_index`` when given, else from the database. ``members_memo``: as
-    ``hosts_of_networks``' memo.
+    ``hosts_of_networks``' memo, ``host_cache`` its cache.
     """
     wanted = set(pairs)
     if not wanted:
@@ -324,7 +337,7 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
             dhcp.setdefault(port.network_id, spec)
         elif port.binding_host_id in hosts:
             local[(port.binding_host_id, port.network_id)].append(spec)
-    members = await hosts_of_networks(session, net_ids, members_memo)
+    members = await hosts_of_networks(session, net_ids, members_memo, host_cache)
     # Addresses per network once (not per host: a network may span thousands of hosts).
     addresses = {net: sorted({a for h in hosts for a in [peer_address(h)] if a})
                  for net, hosts in members.items()}

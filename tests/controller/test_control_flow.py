@@ -78,9 +78,9 @@ async def assert_quiet(cloud: Cloud) -> None:
     sent: list[object] = []
     original = reconciler.send
 
-    async def record(host: str, command: object) -> None:
+    async def record(host: str, command: object, data: bytes) -> None:
         sent.append(command)
-        await original(host, command)  # type: ignore[arg-type]
+        await original(host, command, data)  # type: ignore[arg-type]
 
     reconciler.send = record  # type: ignore[method-assign]
     passes = cloud.controller.passes

@@ -56,3 +56,68 @@ async def test_forced_hosts_peers_and_port_status(cloud: Cloud, client: httpx.As
         return peers("hv2") == [] and peers("hv3") is None
 
     await wait_for(left, describe=lambda: f"{peers('hv2')} {peers('hv3')}")
+
+
+async def _wait_passes(cloud: Cloud, n: int = 3) -> None:
+    passes = cloud.controller.passes
+
+    async def done() -> bool:
+        return cloud.controller.passes >= passes + n
+
+    await wait_for(done)
+
+
+async def test_a_server_deleted_while_its_host_was_down_leaves_the_network(
+        cloud: Cloud, client: httpx.AsyncClient, admin_token: str) -> None:
+    """The API deletes such a server itself (its ports go without the controller): when the host
+    comes back it is nobody's peer on that network, however the network changes afterwards."""
+    from sqlalchemy import select
+
+    from cloudland.db.models import Host
+
+    hv2 = await cloud.start_host("hv2", "192.0.2.20")
+    hv3 = await cloud.start_host("hv3", "192.0.2.30")
+    await cloud.wait_hosts_up({"hv1", "hv2", "hv3"})
+    admin = {"X-Auth-Token": admin_token}
+    ids = {}
+    for host in ("hv2", "hv3"):
+        r = await _create(client, admin_token, cloud, f"nova:{host}")
+        assert r.status_code == 202, r.text
+        ids[host] = r.json()["server"]["id"]
+
+    async def wait_active(sid: str) -> None:
+        async def active() -> bool:
+            r = await client.get(f"{V21}/servers/{sid}", headers=admin)
+            return r.status_code == 200 and r.json()["server"]["status"] == "ACTIVE"
+
+        await wait_for(active)
+
+    for sid in ids.values():
+        await wait_active(sid)
+
+    def peers(agent: object) -> list[str] | None:
+        spec = agent.network.networks.get(cloud.network_id)  # type: ignore[attr-defined]
+        return None if spec is None else spec.peers
+
+    async def meshed() -> bool:
+        return peers(hv2) == ["192.0.2.30"]
+
+    await wait_for(meshed, describe=lambda: f"{peers(hv2)}")
+
+    await hv3.stop()
+
+    async def hv3_down() -> bool:
+        async with cloud.app.state.sessionmaker() as s:
+            return await s.scalar(select(Host.status).where(Host.id == "hv3")) == "down"
+
+    await wait_for(hv3_down)
+    assert (await client.delete(f"{V21}/servers/{ids['hv3']}", headers=admin)).status_code == 204
+    hv3 = await cloud.start_host("hv3", "192.0.2.30")
+    await cloud.wait_hosts_up({"hv3"})
+    # The network changes (a new server on hv2): its members are worked out again.
+    r = await _create(client, admin_token, cloud, "nova:hv2")
+    assert r.status_code == 202, r.text
+    await wait_active(r.json()["server"]["id"])
+    await _wait_passes(cloud)
+    assert peers(hv2) == []
+    assert peers(hv3) is None

@@ -52,7 +52,7 @@ def reconciler_alone(app: Any, config: Any) -> Any:
     from cloudland.controller.hosts import HostIndex
     from cloudland.controller.reconciler import Reconciler
 
-    async def send(host: str, command: object) -> None:
+    async def send(host: str, command: object, data: bytes) -> None:
         pass
 
     return Reconciler(config, app.state.sessionmaker, HostIndex(down_after=10), send)
