@@ -3,8 +3,8 @@
 A pass asks for the member hosts of every network whose membership changed (for its peer list)
 and of every network it builds specs for. Read from the database, that is every bound port of
 those networks, on every pass: during a launch the networks fill up, and the reads grew with
-them (the largest statement of PostgreSQL's at 2,000 hypervisors). The cache keeps each
-network's hosts as last read, and the controller keeps them true:
+them (without remote-group rules, the largest statement of PostgreSQL's at 2,000 hypervisors).
+The cache keeps each network's hosts as last read, and the controller keeps them true:
 
 - a server claimed on a host (the scheduler binds its ports there) adds the host to its
   networks once the claim is committed: the one change the controller makes all the time;
@@ -34,9 +34,6 @@ class NetworkHostCache:
         self._hosts: dict[str, tuple[set[str], float]] = {}  # network → (hosts, read at)
         self._generation = 0
         self._dropped_at: dict[str, int] = {}  # network → generation it was last dropped in
-        # Figures: networks answered from memory, and read from the database.
-        self.hits = 0
-        self.reads = 0
 
     def known(self, networks: Iterable[str]) -> dict[str, set[str]]:
         """The cached hosts of those of ``networks`` that are cached and fresh (not copies:
@@ -51,7 +48,6 @@ class NetworkHostCache:
                 del self._hosts[net]
                 continue
             found[net] = entry[0]
-        self.hits += len(found)
         return found
 
     def generation(self) -> int:
@@ -61,7 +57,6 @@ class NetworkHostCache:
 
     def store(self, read: dict[str, set[str]], since: int) -> None:
         now = self.clock()
-        self.reads += len(read)
         for net, hosts in read.items():
             if self._dropped_at.get(net, -1) <= since:
                 self._hosts[net] = (set(hosts), now)

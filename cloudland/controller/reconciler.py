@@ -57,7 +57,7 @@ GROUP_SETS_BUDGET = 2000.0
 # The groups considered, and the member sets of those named as remote group (``_converge``).
 MemberSets = tuple[set[str], dict[str, list[str]]]
 
-# (host, command, the command encoded): the reconciler encodes a network spec anyway, for its digest.
+# Sends (host, command, the command encoded): a network spec is encoded for its digest anyway.
 Send = Callable[[str, HostCommand, bytes], Awaitable[None]]
 Broadcast = Callable[[str, Message], Awaitable[None]]
 HostNet = tuple[str, str]

@@ -109,6 +109,8 @@ class IdentityStore:
         async def read() -> T:
             self.loads += 1
             async with self._sessionmaker() as session:
+                # One read: no BEGIN and ROLLBACK around it (two round trips of three).
+                await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
                 value = await load(session)
             # An invalidation during the load means the value may predate a write: do not keep it.
             if generation == self.generation:
