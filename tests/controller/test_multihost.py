@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import httpx
 from controller_helpers import V21, Cloud, wait_for  # type: ignore[import-not-found]
+from sqlalchemy import select
+
+from cloudland.db.models import Host
 
 
 async def _create(client: httpx.AsyncClient, token: str, cloud: Cloud, az: str) -> httpx.Response:
@@ -71,10 +74,6 @@ async def test_a_server_deleted_while_its_host_was_down_leaves_the_network(
         cloud: Cloud, client: httpx.AsyncClient, admin_token: str) -> None:
     """The API deletes such a server itself (its ports go without the controller): when the host
     comes back it is nobody's peer on that network, however the network changes afterwards."""
-    from sqlalchemy import select
-
-    from cloudland.db.models import Host
-
     hv2 = await cloud.start_host("hv2", "192.0.2.20")
     hv3 = await cloud.start_host("hv3", "192.0.2.30")
     await cloud.wait_hosts_up({"hv1", "hv2", "hv3"})
