@@ -57,11 +57,11 @@ GROUP_SETS_BUDGET = 2000.0
 # The groups considered, and the member sets of those named as remote group (``_converge``).
 MemberSets = tuple[set[str], dict[str, list[str]]]
 
-# Sends (host, command, the command encoded): a network spec is encoded for its digest anyway.
+Outgoing = tuple[str, HostCommand, bytes]  # (host, command, the command encoded)
+# Sends an ``Outgoing``: commands come encoded (a network spec is encoded for its digest anyway).
 Send = Callable[[str, HostCommand, bytes], Awaitable[None]]
 Broadcast = Callable[[str, Message], Awaitable[None]]
 HostNet = tuple[str, str]
-Outgoing = tuple[str, HostCommand, bytes]  # (host, command, the command encoded)
 
 
 _instances = Instance.__table__

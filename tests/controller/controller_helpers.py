@@ -91,6 +91,15 @@ class Cloud:
     async def action(self, server_id: str, body: dict[str, Any]) -> httpx.Response:
         return await self.client.post(f"{V21}/servers/{server_id}/action", json=body, headers=self.headers)
 
+    async def wait_passes(self, n: int) -> None:
+        """Until the controller has run ``n`` more passes."""
+        passes = self.controller.passes
+
+        async def done() -> bool:
+            return self.controller.passes >= passes + n
+
+        await wait_for(done)
+
     async def wait_status(self, server_id: str, status: str, timeout: float = 15.0) -> dict[str, Any]:
         server: dict[str, Any] = {}
 

@@ -83,8 +83,7 @@ async def assert_quiet(cloud: Cloud) -> None:
         await original(host, command, data)  # type: ignore[arg-type]
 
     reconciler.send = record  # type: ignore[method-assign]
-    passes = cloud.controller.passes
-    await wait_for(lambda: _true(cloud.controller.passes >= passes + 3))
+    await cloud.wait_passes(3)
     reconciler.send = original  # type: ignore[method-assign]
     assert sent == []
     assert reconciler.believed_digest(HOST) == cloud.agent.heartbeat().state_digest
@@ -144,8 +143,7 @@ async def test_agent_restart_keeps_instances(cloud: Cloud) -> None:
     await cloud.agent.stop()
     agent = cloud.new_agent()
     await agent.start()
-    passes = cloud.controller.passes
-    await wait_for(lambda: _true(cloud.controller.passes >= passes + 4))
+    await cloud.wait_passes(4)
     for sid in sids:
         await cloud.wait_status(sid, "ACTIVE", timeout=2)
         assert cloud.compute.instances[sid].boots == 1 and cloud.compute.instances[sid].reboots == 0
@@ -167,8 +165,7 @@ async def test_controller_restart_is_quiet(cloud: Cloud) -> None:
     reconciler = cloud.controller.reconciler
     assert reconciler is not None
     await wait_for(lambda: _true(HOST in reconciler.synced and not reconciler.has_work))
-    passes = cloud.controller.passes
-    await wait_for(lambda: _true(cloud.controller.passes >= passes + 2))
+    await cloud.wait_passes(2)
     await assert_quiet(cloud)
     assert cloud.compute.instances[sid].boots == 1
     assert (await cloud.action(sid, {"os-stop": None})).status_code == 202

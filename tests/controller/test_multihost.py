@@ -61,15 +61,6 @@ async def test_forced_hosts_peers_and_port_status(cloud: Cloud, client: httpx.As
     await wait_for(left, describe=lambda: f"{peers('hv2')} {peers('hv3')}")
 
 
-async def _wait_passes(cloud: Cloud, n: int = 3) -> None:
-    passes = cloud.controller.passes
-
-    async def done() -> bool:
-        return cloud.controller.passes >= passes + n
-
-    await wait_for(done)
-
-
 async def test_a_server_deleted_while_its_host_was_down_leaves_the_network(
         cloud: Cloud, client: httpx.AsyncClient, admin_token: str) -> None:
     """The API deletes such a server itself (its ports go without the controller): when the host
@@ -117,6 +108,6 @@ async def test_a_server_deleted_while_its_host_was_down_leaves_the_network(
     r = await _create(client, admin_token, cloud, "nova:hv2")
     assert r.status_code == 202, r.text
     await wait_active(r.json()["server"]["id"])
-    await _wait_passes(cloud)
+    await cloud.wait_passes(3)
     assert peers(hv2) == []
     assert peers(hv3) is None
