@@ -257,6 +257,25 @@ class ScaleBench:
         await engine.dispose()
         return creds.admin_password
 
+    async def analyze(self, config_path: Path) -> None:
+        """PostgreSQL: statistics for the tables just written, as autovacuum would have gathered on
+        any cloud that has run for a minute. Without them the planner guesses the selectivity
+        of ``device_id = ANY(:ids)`` and scans ``ports`` whole, which grows with the launch."""
+        from sqlalchemy import text
+
+        from cloudland.config import load_config
+        from cloudland.db.engine import make_engine
+
+        url = load_config(config_path).database_url
+        if not url.startswith("postgresql"):
+            return
+        engine = make_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text("ANALYZE"))
+        finally:
+            await engine.dispose()
+
     async def prefill(self, config_path: Path, count: int) -> None:
         """``count`` server rows (ERROR, never scheduled: the controller leaves them alone),
         written in bulk, so list latency can be measured at size without launching them all."""
@@ -586,6 +605,7 @@ class ScaleBench:
         password = await self.seed(config_path)
         if o.prefill:
             await self.prefill(config_path, o.prefill)
+        await self.analyze(config_path)
         self.nc = await nats.connect(self.tree.core.url)
         controller = self.spawn("controller", [sys.executable, "-m", "cloudland", "controller",
                                                "--config", str(config_path)])
