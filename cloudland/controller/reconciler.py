@@ -46,7 +46,7 @@ from cloudland.controller.instance_status import Outcome, apply_statuses, finali
 from cloudland.controller.network_hosts import NetworkHostCache
 from cloudland.controller.specs import InstanceRow
 from cloudland.controller.usage import HostUsage
-from cloudland.db.models import UNPLACED, Host, Instance
+from cloudland.db.models import HOST_DISABLED, UNPLACED, Host, Instance
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ _PENDING = (select(_instances.c.id, _instances.c.deleted, json_text(_instances.c
                    _instances.c.availability_zone, _instances.c.requested_host)
             .where(text(UNPLACED))  # ix_instances_unplaced, in its order
             .order_by(_instances.c.created_at, _instances.c.id).limit(bindparam("limit", type_=Integer)))
+# Disabled hosts, from the partial index ``ix_hosts_disabled`` (its predicate, literally).
+_DISABLED_HOSTS = select(Host.__table__.c.id).where(text(HOST_DISABLED))
 
 
 @per_dialect
@@ -316,7 +318,7 @@ class Reconciler:
         started = self._timed("reports", started)
         async with self.sessionmaker() as session, session.begin():
             await self._persist_hosts(session)
-            disabled = set(await session.scalars(select(Host.id).where(Host.enabled.is_(False))))
+            disabled = set(await session.scalars(_DISABLED_HOSTS))
             self.hosts.set_disabled(disabled)
             await self._collect(session, sweep)
         started = self._timed("collect", started)

@@ -139,10 +139,19 @@ class Keypair(Base, Timestamps):
     type: Mapped[str] = mapped_column(String(16), default="ssh")
 
 
+# Hosts an admin disabled (``ix_hosts_disabled``, a handful at most): the controller asks on every
+# pass, and without the index that read every row of a table of 20,000 hosts (2-3 ms).
+HOST_DISABLED = "enabled = false"
+
+
 class Host(Base):
     """A hypervisor, as last reported by its agent."""
 
     __tablename__ = "hosts"
+    __table_args__ = (
+        Index("ix_hosts_disabled", "id",
+              postgresql_where=text(HOST_DISABLED), sqlite_where=text(HOST_DISABLED)),
+    )
     id: Mapped[str] = mapped_column(String(255), primary_key=True)
     zone: Mapped[str] = mapped_column(String(255), default="nova")
     address: Mapped[str] = mapped_column(String(255), default="")
