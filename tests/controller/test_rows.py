@@ -197,6 +197,22 @@ async def test_the_queue_reads_use_the_unplaced_index(app: Any) -> None:
         assert (await s.execute(_waiting_statement(10))).scalar_one() == 3
 
 
+async def test_disabled_hosts_are_read_from_their_index(app: Any) -> None:
+    """The pass's read of disabled hosts is answered by ``ix_hosts_disabled`` on PostgreSQL (a
+    scan of every host otherwise), and names exactly the disabled ones on both databases."""
+    from cloudland.controller.reconciler import _DISABLED_HOSTS
+    from cloudland.db.models import Host
+
+    async with app.state.sessionmaker() as s, s.begin():
+        s.add_all([Host(id="on-1"), Host(id="off-1", enabled=False), Host(id="on-2", enabled=True),
+                   Host(id="off-2", enabled=False)])
+    async with app.state.sessionmaker() as s:
+        if s.get_bind().dialect.name == "postgresql":
+            plan = await postgresql_plan(s, _DISABLED_HOSTS)
+            assert "ix_hosts_disabled" in plan, plan
+        assert set(await s.scalars(_DISABLED_HOSTS)) == {"off-1", "off-2"}
+
+
 async def test_a_full_batch_asks_for_the_next_pass(app: Any, config: Any) -> None:
     """More servers waiting than a pass places: the reconciler has work, so the next pass
     follows at once instead of at the next timed one (reports no longer start passes)."""
