@@ -213,6 +213,21 @@ async def test_disabled_hosts_are_read_from_their_index(app: Any) -> None:
         assert set(await s.scalars(_DISABLED_HOSTS)) == {"off-1", "off-2"}
 
 
+async def test_a_pass_builds_a_bounded_number_of_network_specs(app: Any, config: Any) -> None:
+    """Network specs due for more (host, network) pairs than a pass builds (every host came
+    back at once): a pass takes ``net_spec_batch`` of them, the rest wait, and the reconciler
+    has work until all are done."""
+    reconciler = reconciler_alone(app, config)
+    reconciler.net_spec_batch = 2
+    reconciler.dirty_nets = {(f"h{i}", "n1") for i in range(5)}
+    left = []
+    while reconciler.dirty_nets:
+        assert reconciler.has_work
+        await reconciler.converge()
+        left.append(len(reconciler.dirty_nets))
+    assert left == [3, 1, 0] and not reconciler.has_work
+
+
 async def test_a_full_batch_asks_for_the_next_pass(app: Any, config: Any) -> None:
     """More servers waiting than a pass places: the reconciler has work, so the next pass
     follows at once instead of at the next timed one (reports no longer start passes)."""
