@@ -28,6 +28,7 @@ from cloudland.agent.drivers.network.base import NetworkDriver
 from cloudland.agent.factory import underlay_address
 from cloudland.agent.image_cache import ImageCache
 from cloudland.agent.instance_state import InstanceRecord, InstanceStateStore
+from cloudland.agent.member_sets import MemberSets
 from cloudland.bus import subjects
 from cloudland.bus.connection import connect, subscriptions_ready
 from cloudland.bus.messages import (
@@ -74,9 +75,11 @@ class AgentService:
         image_cache: ImageCache | None = None,
         records: InstanceStateStore | None = None,
         nc: Client | None = None,
+        member_sets: MemberSets | None = None,
     ) -> None:
         """``nc``: a NATS connection to share (many simulated agents in one process); the agent
-        then neither connects nor closes it, and the owner calls ``on_reconnect()`` for it."""
+        then neither connects nor closes it, and the owner calls ``on_reconnect()`` for it.
+        ``member_sets``: remote groups' member sets to share with the other agents of the process."""
         self.config = config
         self.compute = compute
         self.network = network
@@ -96,6 +99,7 @@ class AgentService:
         self._net_specs: dict[str, NetworkSpec] = {}
         self._net_subs: dict[str, Subscription] = {}
         self._group_subs: dict[str, Subscription] = {}  # remote groups the network specs name
+        self.member_sets = member_sets or MemberSets()
         self._following_groups = asyncio.Lock()  # networks' workers run side by side
         # Last reported status of every instance this host has (never "absent").
         self._status: dict[str, InstanceStatus] = {}
@@ -256,15 +260,16 @@ class AgentService:
         try:
             if isinstance(cmd, EnsureNetwork):
                 # Recorded first: a peer list arriving meanwhile applies to this spec, not an older one.
-                before = self._net_specs.get(cmd.spec.id)
-                self._net_specs[cmd.spec.id] = cmd.spec
-                await self._follow_peers(cmd.spec.id, True)
-                groups = cmd.spec.remote_groups.keys()
+                spec = self._shared_members(cmd.spec)
+                before = self._net_specs.get(spec.id)
+                self._net_specs[spec.id] = spec
+                await self._follow_peers(spec.id, True)
+                groups = spec.remote_groups.keys()
                 # Most specs are the last one with a changed peer list or member set: the same groups.
                 if before is None or before.remote_groups.keys() != groups \
                         or not groups <= self._group_subs.keys():
                     await self._follow_groups()
-                await self.network.ensure_network(cmd.spec)
+                await self.network.ensure_network(spec)
             else:
                 self._net_specs.pop(cmd.network_id, None)
                 await self._follow_peers(cmd.network_id, False)
@@ -273,6 +278,15 @@ class AgentService:
         except Exception:
             # No per-network report exists: the controller sees the network list in HostState.
             log.exception("%s failed", type(cmd).__name__)
+
+    def _shared_members(self, spec: NetworkSpec) -> NetworkSpec:
+        """``spec`` with each member set replaced by the equal one ``member_sets`` keeps."""
+        if not spec.remote_groups:
+            return spec
+        shared = {g: self.member_sets.adopt(g, m) for g, m in spec.remote_groups.items()}
+        if all(shared[g] is m for g, m in spec.remote_groups.items()):
+            return spec
+        return msgspec.structs.replace(spec, remote_groups=shared)
 
     async def _follow_peers(self, network_id: str, follow: bool) -> None:
         """Subscribe to the network's peer lists while this host carries it."""
@@ -340,7 +354,8 @@ class AgentService:
             if old is None:
                 return None
             if done is None or (done[0] is not old and done[0] != old):
-                done = (old, _changed_list(old, update.full, update.addresses, update.added, update.removed))
+                done = (old, self.member_sets.change(old, msg.data, lambda current: _changed_list(
+                    current, update.full, update.addresses, update.added, update.removed)))
             members = done[1]
             if members is None:
                 return None

@@ -23,6 +23,7 @@ from cloudland.agent.drivers.compute.simulated import SimulatedComputeDriver
 from cloudland.agent.drivers.network.simulated import SimulatedNetworkDriver
 from cloudland.agent.image_cache import ImageCache
 from cloudland.agent.instance_state import InstanceStateStore
+from cloudland.agent.member_sets import MemberSets
 from cloudland.agent.service import AgentService
 from cloudland.bus.connection import connect
 from cloudland.bus.messages import ImageRef
@@ -71,11 +72,12 @@ async def run(args: argparse.Namespace) -> None:
     conns: list[Client] = [await connect(args.nats, f"simhosts-{args.prefix}-{args.first}-{k}",
                                          on_reconnect=reconnect_cb(k)) for k in range(args.connections)]
     agents: list[AgentService] = []
+    member_sets = MemberSets()  # the agents of a process mostly hold the same sets
     for i in range(args.first, args.first + args.count):
         k = i % args.connections
         agent = AgentService(config, SimulatedComputeDriver(args.vcpus, args.memory_mb, args.disk_gb),
                              SimulatedNetworkDriver(), host_id=host_name(args.prefix, i), image_cache=images,
-                             records=InstanceStateStore(None), nc=conns[k])
+                             records=InstanceStateStore(None), nc=conns[k], member_sets=member_sets)
         agent.address = host_address(i)
         agents_of[k].append(agent)
         agents.append(agent)

@@ -18,6 +18,8 @@ from nats.aio.client import Client
 from cloudland.agent.drivers.compute.simulated import SimulatedComputeDriver
 from cloudland.agent.drivers.network.simulated import SimulatedNetworkDriver
 from cloudland.agent.factory import build_drivers, host_tag, underlay_address
+from cloudland.agent.instance_state import InstanceStateStore
+from cloudland.agent.member_sets import MemberSets
 from cloudland.agent.service import AgentService, _changed_list
 from cloudland.allinone.nats import NatsServer
 from cloudland.bus import subjects
@@ -471,6 +473,64 @@ async def test_group_members_whole_and_changes(harness: Harness) -> None:
     await become("net-1", {"g1": ["10.0.0.8"], "g2": ["10.0.9.9"]})
     await become("net-2", {"g1": ["10.0.0.8"]})
     assert members("net-3") == {}
+
+
+async def test_agents_of_one_process_share_their_member_sets(config: Config, nats_url: str) -> None:
+    """Agents given one ``MemberSets`` (a simulated-hypervisor process) hold one list per
+    distinct member set: from their network specs, and after a change they each take."""
+    config.nats.url = nats_url
+    config.agent.heartbeat_seconds = 5
+    shared = MemberSets()
+    nc = await nats.connect(nats_url)
+    agents = [AgentService(config, SimulatedComputeDriver(), SimulatedNetworkDriver(), host_id=f"sim-{i}",
+                           records=InstanceStateStore(None), nc=nc, member_sets=shared) for i in range(3)]
+    networks = [a.network for a in agents]
+    assert all(isinstance(n, SimulatedNetworkDriver) for n in networks)
+    try:
+        for agent in agents:
+            await agent.start()
+        g1 = sorted(f"10.0.{i // 250}.{i % 250 + 1}" for i in range(500))
+        for i, agent in enumerate(agents):
+            spec = NetworkSpec(id=f"net-{i}", segmentation_id=100 + i, remote_groups={"g1": list(g1)})
+            await nc.publish(subjects.host_cmd(agent.host_id), encode(EnsureNetwork(spec=spec)))
+        for i, network in enumerate(networks):
+            await network_spec_shows(network, f"net-{i}", lambda spec: spec.remote_groups, {"g1": g1})  # type: ignore[arg-type]
+        held = [n.networks[f"net-{i}"].remote_groups["g1"] for i, n in enumerate(networks)]  # type: ignore[attr-defined]
+        assert held[1] is held[0] and held[2] is held[0]
+        await subscriptions_ready(nc)
+        change = GroupMembers(group_id="g1", full=False, added=["10.9.9.9"], removed=[g1[0]])
+        await nc.publish(subjects.group_members("g1"), encode(change))
+        after = sorted([*g1[1:], "10.9.9.9"])
+        for i, network in enumerate(networks):
+            await network_spec_shows(network, f"net-{i}", lambda spec: spec.remote_groups, {"g1": after})  # type: ignore[arg-type]
+        held = [n.networks[f"net-{i}"].remote_groups["g1"] for i, n in enumerate(networks)]  # type: ignore[attr-defined]
+        assert held[1] is held[0] and held[2] is held[0]
+    finally:
+        for agent in agents:
+            await agent.stop()
+        await nc.close()
+
+
+def test_member_sets_give_one_list_per_set_and_compute_a_change_once() -> None:
+    sets = MemberSets(versions=2)
+    first = sets.adopt("g", ["a", "b"])
+    assert sets.adopt("g", ["a", "b"]) is first
+    second = sets.adopt("g", ["a", "c"])
+    assert sets.adopt("g", ["a", "b"]) is first  # a lagging agent's set is still shared
+    sets.adopt("g", ["d"])
+    assert sets.adopt("g", ["a", "c"]) is not second  # two sets kept: the oldest was forgotten
+    assert sets.adopt("h", ["a", "b"]) is not first  # per group
+    calls: list[list[str]] = []
+
+    def add_x(current: list[str]) -> list[str]:
+        calls.append(current)
+        return [*current, "x"]
+
+    result = sets.change(first, b"message 1", add_x)
+    assert result == ["a", "b", "x"] and sets.change(first, b"message 1", add_x) is result
+    assert sets.change(["a", "b"], b"message 1", add_x) == result  # an equal list, not this one
+    sets.change(first, b"message 2", add_x)
+    assert len(calls) == 3
 
 
 def test_a_set_change_that_changes_nothing_leaves_the_list_alone() -> None:
