@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -40,6 +41,7 @@ from cloudland.bus.messages import (
     EnsureNetworkAbsent,
     GetConsoleOutput,
     GetHostState,
+    GetSet,
     GroupMembers,
     Heartbeat,
     HostCommand,
@@ -52,6 +54,7 @@ from cloudland.bus.messages import (
     NetworkSpec,
     Resources,
     SetChangeMessage,
+    SetVersion,
     decode,
     encode,
     state_digest,
@@ -63,6 +66,9 @@ log = logging.getLogger(__name__)
 _Update = TypeVar("_Update", bound=SetChangeMessage)
 
 _INVALID_ID_CHARS = set(".*> \t\r\n")
+
+SET_REQUEST_SPREAD = 0.5  # seconds: a GetSet waits up to this long first
+SET_REQUEST_TIMEOUT = 5.0
 
 
 class AgentService:
@@ -100,6 +106,7 @@ class AgentService:
         self._net_subs: dict[str, Subscription] = {}
         self._group_subs: dict[str, Subscription] = {}  # remote groups the network specs name
         self.member_sets = member_sets or MemberSets()
+        self._asking: set[tuple[str, str]] = set()  # sets asked for whole (GetSet), not answered yet
         self._following_groups = asyncio.Lock()  # networks' workers run side by side
         # Last reported status of every instance this host has (never "absent").
         self._status: dict[str, InstanceStatus] = {}
@@ -330,39 +337,94 @@ class AgentService:
 
     async def _on_peers(self, msg: Msg) -> None:
         update = self._decode_update(msg, NetworkPeers)
-        if update is None:
-            return
+        if update is not None:
+            self._take_peers(update)
+
+    def _take_peers(self, update: NetworkPeers) -> None:
         own = self.address
+        ask = False
 
         def change(spec: NetworkSpec) -> NetworkSpec | None:
+            nonlocal ask
+            take, missing = _follows(spec.peers_version, update)
+            ask = ask or missing
+            if not take:
+                return None
+            version = spec.peers_version if missing else _version(update) or spec.peers_version
             peers = _changed_list(spec.peers, update.full, [a for a in update.addresses if a != own],
                                   [a for a in update.added if a != own], update.removed)
-            return None if peers is None else msgspec.structs.replace(spec, peers=peers)
+            if peers is None:
+                spec.peers_version = version  # nothing to apply again
+                return None
+            return msgspec.structs.replace(spec, peers=peers, peers_version=version)
 
         self._patch_network(update.network_id, change)
+        if ask:
+            self._ask_for_set("peers", update.network_id)
 
     async def _on_group_members(self, msg: Msg) -> None:
         update = self._decode_update(msg, GroupMembers)
-        if update is None:
-            return
+        if update is not None:
+            self._take_members(update, msg.data)
+
+    def _take_members(self, update: GroupMembers, data: bytes) -> None:
+        """``data``: the message as it came (``member_sets`` computes a change once per message)."""
         group = update.group_id
         done: tuple[list[str], list[str] | None] | None = None  # (old, new): specs mostly share the old
+        ask = False
 
         def change(spec: NetworkSpec) -> NetworkSpec | None:
-            nonlocal done
+            nonlocal done, ask
             old = spec.remote_groups.get(group)
             if old is None:
                 return None
+            version = spec.remote_group_versions.get(group)
+            take, missing = _follows(version, update)
+            ask = ask or missing
+            if not take:
+                return None
             if done is None or (done[0] is not old and done[0] != old):
-                done = (old, self.member_sets.change(old, msg.data, lambda current: _changed_list(
+                done = (old, self.member_sets.change(old, data, lambda current: _changed_list(
                     current, update.full, update.addresses, update.added, update.removed)))
             members = done[1]
+            versions = spec.remote_group_versions
+            if not missing and (new := _version(update)) is not None and new != version:
+                versions = {**versions, group: new}
             if members is None:
+                spec.remote_group_versions = versions  # nothing to apply again
                 return None
-            return msgspec.structs.replace(spec, remote_groups={**spec.remote_groups, group: members})
+            return msgspec.structs.replace(spec, remote_groups={**spec.remote_groups, group: members},
+                                           remote_group_versions=versions)
 
         for network_id in [n for n, spec in self._net_specs.items() if group in spec.remote_groups]:
             self._patch_network(network_id, change)
+        if ask:
+            self._ask_for_set("members", group)
+
+    def _ask_for_set(self, kind: Literal["peers", "members"], key: str) -> None:
+        """A message of the set is missing: ask a controller for the whole set (once at a time)."""
+        if (kind, key) not in self._asking and self.nc is not None:
+            self._asking.add((kind, key))
+            self._spawn(self._get_set(kind, key))
+
+    async def _get_set(self, kind: Literal["peers", "members"], key: str) -> None:
+        try:
+            # Many followers find the same message missing at once (a reconnect): spread them.
+            await asyncio.sleep(random.uniform(0, SET_REQUEST_SPREAD))
+            assert self.nc is not None
+            reply = await self.nc.request(subjects.CONTROLLER_SETS, encode(GetSet(set_kind=kind, key=key)),
+                                          timeout=SET_REQUEST_TIMEOUT)
+            whole = decode(reply.data) if reply.data else None
+        except Exception as e:
+            # The set's next message finds it missing again, and asks again.
+            log.warning("cannot get the whole %s set of %s: %s", kind, key, _describe(e))
+            return
+        finally:
+            self._asking.discard((kind, key))
+        if isinstance(whole, NetworkPeers) and whole.full:
+            self._take_peers(whole)
+        elif isinstance(whole, GroupMembers) and whole.full:
+            self._take_members(whole, reply.data)
 
     @staticmethod
     def _decode_update(msg: Msg, kind: type[_Update]) -> _Update | None:
@@ -549,6 +611,26 @@ class AgentService:
 def _describe(e: BaseException) -> str:
     text = str(e)
     return text if text else type(e).__name__
+
+
+def _follows(version: SetVersion | None, update: SetChangeMessage) -> tuple[bool, bool]:
+    """Whether a set at ``version`` takes ``update``, and whether a message before it is
+    missing (the set is then asked for whole; the message is still taken, its changes being set
+    operations, and the version stays, so the next message finds the gap again until mended)."""
+    if not update.epoch:  # an unversioned publisher
+        return True, False
+    same = version is not None and version.epoch == update.epoch
+    if update.full:
+        return not (same and version is not None and update.seq < version.seq), False
+    if same and version is not None and update.seq <= version.seq:
+        return False, False  # had it already, or a mark of the version it has
+    if same and version is not None and update.seq == version.seq + 1:
+        return True, False
+    return True, True
+
+
+def _version(update: SetChangeMessage) -> SetVersion | None:
+    return SetVersion(update.epoch, update.seq) if update.epoch else None
 
 
 def _changed_list(current: list[str], full: bool, whole: list[str], added: list[str],

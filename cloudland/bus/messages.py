@@ -151,6 +151,14 @@ class RouterSpec(msgspec.Struct, kw_only=True):
     host_mac: str = ""  # source MAC of routed frames that leave this host over the overlay
 
 
+class SetVersion(msgspec.Struct, frozen=True, array_like=True):
+    """Where a published set (``SetChangeMessage``) stands: ``seq`` counts the messages of one
+    set from one publisher, ``epoch`` names the publisher (a controller, per start)."""
+
+    epoch: str
+    seq: int
+
+
 class NetworkSpec(msgspec.Struct, kw_only=True):
     """A network as one hypervisor must carry it: its subnets and this host's ports."""
 
@@ -168,6 +176,10 @@ class NetworkSpec(msgspec.Struct, kw_only=True):
     peers: list[str] = []
     # Security group id → member addresses, for the ports' rules with a remote_group_id.
     remote_groups: dict[str, list[str]] = {}
+    # The published sets these are (NetworkPeers, GroupMembers), when they are: the next
+    # message of a set follows on from its version here.
+    peers_version: SetVersion | None = None
+    remote_group_versions: dict[str, SetVersion] = {}
     # Routers with an interface on this network that this host realises (it has ports here).
     routers: list[RouterSpec] = []
 
@@ -194,14 +206,18 @@ class EnsureNetworkAbsent(Message, tag="ensure_network_absent"):
 class SetChangeMessage(Message, kw_only=True):
     """A set published by the controller to the hosts that follow it (``NetworkPeers``,
     ``GroupMembers``). ``full``: ``addresses`` is the whole set. Otherwise the change since the
-    last message: ``added`` and ``removed`` (set operations, so a repeated one does no harm). A
-    whole set is sent again from time to time, which mends a follower that missed a change (e.g.
-    one published before its subscription reached the server)."""
+    last message: ``added`` and ``removed`` (set operations, so a repeated one does no harm).
+    ``epoch`` and ``seq``: the set's version after this message (``SetVersion``); a message that
+    changes nothing and repeats the version (a mark, sent from time to time) lets a follower that
+    missed the set's last change notice it. A follower that finds a message missing asks a
+    controller for the whole set (``GetSet``)."""
 
     full: bool = True
     addresses: list[str] = []
     added: list[str] = []
     removed: list[str] = []
+    epoch: str = ""
+    seq: int = 0
 
 
 class NetworkPeers(SetChangeMessage, tag="network_peers", kw_only=True):
@@ -222,6 +238,15 @@ class GroupMembers(SetChangeMessage, tag="group_members", kw_only=True):
 
 
 HostCommand = EnsureInstance | EnsureInstanceAbsent | EnsureNetwork | EnsureNetworkAbsent
+
+
+class GetSet(Message, tag="get_set"):
+    """Agent → a controller, on ``controller.sets`` (request/reply): a published set as it
+    stands, whole: a ``NetworkPeers`` or ``GroupMembers`` with its version; an empty reply when
+    the controller has not published it."""
+
+    set_kind: Literal["peers", "members"]
+    key: str  # the network id (peers) or the security group id (members)
 
 
 # --- requests to a host (subject host.<id>.rpc) and their replies -----------------------------
@@ -305,7 +330,7 @@ class Wake(Message, tag="wake"):
 
 
 AnyMessage = (HostCommand | HostRequest | ConsoleOutput | Report | Wake | NetworkPeers | GroupMembers
-              | HeartbeatBatch)
+              | HeartbeatBatch | GetSet)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(AnyMessage)

@@ -43,5 +43,8 @@ HEARTBEAT_RELAY_QUEUE = "heartbeat-relay"
 HEARTBEAT_BATCH = "heartbeats.batch"
 # The API pokes the controllers after it changes desired state; they also poll.
 CONTROLLER_WAKE = "controller.wake"
+# Agents → a controller (request/reply, queue group): a published set, whole (``GetSet``).
+CONTROLLER_SETS = "controller.sets"
+CONTROLLER_SETS_QUEUE = "controller-sets"
 # Controller figures (JSON) on request; "reset" in the request clears the samples.
 CONTROLLER_STATS = "controller.stats"

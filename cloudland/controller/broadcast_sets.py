@@ -7,10 +7,15 @@ member addresses (``GroupMembers`` on ``sg.<id>.members``, for rules naming it a
 
 A whole set in every message made filling a network or a group quadratic: its n-th member sent
 n addresses to n hosts. A message carries what changed since the previous one (``added`` /
-``removed``), and a whole set only when that is not smaller, when the set is new to this
-controller, or when its last whole set is ``refresh_seconds`` old: a follower that missed a
-change (a message published before its subscription reached the server, a reconnect) is mended
-by that refresh at the latest, at a cost of one set per period.
+``removed``), and a whole set only when that is not smaller or when the set is new to this
+controller. Every message carries the set's version after it (``epoch``: this publisher,
+``seq``: its messages of the set so far), and a network spec carries the version of the sets in
+it, so a follower knows which message comes next. One that finds a message missing (published
+before its subscription reached the server, lost in a reconnect) asks for the whole set
+(``GetSet``, answered from ``whole``). A set quiet for ``refresh_seconds`` is marked: a message
+that changes nothing and repeats its version, for a follower that missed its last change. (Whole
+sets sent again instead cost followers * size: at 150,000 servers the 50 projects' default
+groups, refreshed together, were 300 million addresses through NATS and the simulated hosts.)
 
 Pacing: every message of a set reaches every follower (a group's members: every host with a
 port in a group whose rules name it; a network's peers: every host of the network), so while a
@@ -28,12 +33,15 @@ instead of each taking its own.
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
+from cloudland.bus.messages import SetVersion
+
 REFRESH_SECONDS = 300.0
-# Whole sets sent again per call of ``changes`` at most (the rest next time).
-REFRESH_BATCH = 64
+# Marks per call of ``changes`` at most (the rest next time).
+REFRESH_BATCH = 256
 PACE = 0.005  # seconds per member between two messages of a set (see above)
 MAX_INTERVAL = 5.0
 
@@ -44,10 +52,12 @@ class SetChange(NamedTuple):
     members: list[str]  # the whole set (``full``), else empty
     added: list[str]
     removed: list[str]
+    version: SetVersion  # the set's after this message (a mark: no change, the same version)
 
     def fields(self) -> dict[str, Any]:
         """The fields of ``bus.messages.SetChangeMessage`` this change fills."""
-        return {"full": self.full, "addresses": self.members, "added": self.added, "removed": self.removed}
+        return {"full": self.full, "addresses": self.members, "added": self.added, "removed": self.removed,
+                "epoch": self.version.epoch, "seq": self.version.seq}
 
 
 class BroadcastSets:
@@ -63,7 +73,15 @@ class BroadcastSets:
         self._sent_at: dict[str, float] = {}  # the last message of each set
         self._published: dict[str, list[str]] = {}  # what the followers were last told
         self._outbox: dict[str, list[str]] = {}  # what they are to be told next
-        self._full_at: OrderedDict[str, float] = OrderedDict()  # oldest whole set first
+        self.epoch = secrets.token_hex(4)
+        self._seq: dict[str, int] = {}  # messages of each set so far (kept when it empties)
+        self._told_at: OrderedDict[str, float] = OrderedDict()  # the sets' last messages, oldest first
+
+    def version(self, key: str) -> tuple[list[str], SetVersion] | None:
+        """The set as published (what its followers were told) and its version; None if it never
+        was. A network spec built from it is followed by the set's next message."""
+        seq = self._seq.get(key)
+        return None if seq is None else (self._published.get(key, []), SetVersion(self.epoch, seq))
 
     def update(self, key: str, members: list[str]) -> None:
         """The set's members now (sorted); a message if they changed."""
@@ -91,12 +109,20 @@ class BroadcastSets:
                 if self.budget is not None:
                     self._tokens -= max(1, len(members))
         due = []
-        for key, at in self._full_at.items():
+        for key, at in self._told_at.items():
             if now - at < self.refresh_seconds or len(due) >= self.refresh_batch:
                 break
             due.append(key)
-        out.extend(self._full(key, self._published[key], now) for key in due)
+        for key in due:
+            self._told(key, now)
+            out.append(SetChange(key, False, [], [], [], SetVersion(self.epoch, self._seq[key])))
         return out
+
+    def _told(self, key: str, now: float) -> SetVersion:
+        self._told_at.pop(key, None)
+        if key in self._published:  # an empty set is not marked: nobody follows it
+            self._told_at[key] = now
+        return SetVersion(self.epoch, self._seq[key])
 
     def _interval(self, key: str) -> float:
         return min(self.max_interval, self.pace * len(self._published.get(key, ())))
@@ -113,15 +139,15 @@ class BroadcastSets:
             return self._full(key, members, now)
         self._published[key] = members
         self._sent_at[key] = now
-        return SetChange(key, False, [], added, removed)
+        self._seq[key] += 1
+        return SetChange(key, False, [], added, removed, self._told(key, now))
 
     def _full(self, key: str, members: list[str], now: float) -> SetChange:
-        self._full_at.pop(key, None)
         if members:
             self._published[key] = members
-            self._full_at[key] = now
             self._sent_at[key] = now
-        else:  # nobody is in it any more: nothing to mend later
+        else:  # nobody is in it any more
             self._published.pop(key, None)
             self._sent_at.pop(key, None)
-        return SetChange(key, True, members, [], [])
+        self._seq[key] = self._seq.get(key, 0) + 1
+        return SetChange(key, True, members, [], [], self._told(key, now))

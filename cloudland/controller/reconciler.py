@@ -26,6 +26,7 @@ from cloudland.bus.messages import (
     EnsureInstanceAbsent,
     EnsureNetwork,
     EnsureNetworkAbsent,
+    GetSet,
     GroupMembers,
     Heartbeat,
     HostCommand,
@@ -33,6 +34,8 @@ from cloudland.bus.messages import (
     InstanceStatus,
     Message,
     NetworkPeers,
+    NetworkSpec,
+    SetChangeMessage,
     encode,
     state_digest,
 )
@@ -704,6 +707,8 @@ class Reconciler:
         bindings = specs.router_specs.GatewayBindings()
         net_specs = await specs.network_specs(session, pairs, self._peer_address, bindings, self.members,
                                               members_memo, self.network_hosts)
+        if self.broadcast is not None:
+            self._as_published(net_specs)
         if bindings.new:  # a host got its gateway port on an external network: it needs that network
             self.network_hosts.drop(net for _, net in bindings.new)
             self.dirty_nets.update(bindings.new)
@@ -733,6 +738,34 @@ class Reconciler:
                 command = EnsureInstance(spec=spec)
                 commands.append((host, command, encode(command)))
         return commands
+
+    def _as_published(self, net_specs: dict[tuple[str, str], NetworkSpec | None]) -> None:
+        """Give each spec the peer list and member sets as published, with their versions: the
+        agent then takes the sets' next messages as changes of exactly what it has. (A set not
+        published yet stays as built; its first message is whole.)"""
+        for (host, net), spec in net_specs.items():
+            if spec is None:
+                continue
+            if (peers := self.peer_sets.version(net)) is not None:
+                own = self._peer_address(host)
+                spec.peers = [a for a in peers[0] if a != own]
+                spec.peers_version = peers[1]
+            for group in spec.remote_groups:
+                if (members := self.group_sets.version(group)) is not None:
+                    spec.remote_groups[group] = members[0]
+                    spec.remote_group_versions[group] = members[1]
+
+    def whole_set(self, request: GetSet) -> SetChangeMessage | None:
+        """A published set, whole, with its version (``GetSet``); None if it never was."""
+        if request.set_kind == "peers":
+            if (peers := self.peer_sets.version(request.key)) is None:
+                return None
+            return NetworkPeers(network_id=request.key, addresses=peers[0],
+                                epoch=peers[1].epoch, seq=peers[1].seq)
+        if (members := self.group_sets.version(request.key)) is None:
+            return None
+        return GroupMembers(group_id=request.key, addresses=members[0],
+                            epoch=members[1].epoch, seq=members[1].seq)
 
     def _peer_address(self, host: str) -> str | None:
         info = self.hosts.get(host)

@@ -28,6 +28,7 @@ from cloudland.bus.connection import connect, subscriptions_ready
 from cloudland.bus.heartbeat_relay import DEFAULT_FLUSH_SECONDS, HeartbeatRelay
 from cloudland.bus.messages import (
     GetHostState,
+    GetSet,
     Heartbeat,
     HeartbeatBatch,
     HostCommand,
@@ -110,6 +111,7 @@ class ControllerService:
         self._bad_logged_at = 0.0
         self._sent_at: dict[str, float] = {}  # host → sent_at of its newest heartbeat
         self._reported_at: dict[str, float] = {}  # host → when its last report arrived (time.time())
+        self.sets_requested = 0  # GetSet answered: followers that found a message of a set missing
 
     async def start(self) -> None:
         self.engine = make_engine(self.config.database_url, custom_plans=True)
@@ -124,6 +126,8 @@ class ControllerService:
             await self.nc.subscribe(subjects.CONTROLLER_WAKE, cb=self._on_wake),
             await self.nc.subscribe(subjects.CONTROLLER_STATS, cb=self._on_stats),
             await self.nc.subscribe(subjects.HEARTBEAT_BATCH, cb=self._on_heartbeat_batch),
+            await self.nc.subscribe(subjects.CONTROLLER_SETS, queue=subjects.CONTROLLER_SETS_QUEUE,
+                                    cb=self._on_get_set),
         ]
         await subscriptions_ready(self.nc)
         # Flushes well within the down threshold, whatever it is configured to.
@@ -345,6 +349,19 @@ class ControllerService:
             self.reconciler.wake(wake.instance_ids, wake.network_ids)
             self.kick()
 
+    async def _on_get_set(self, msg: Msg) -> None:
+        assert self.reconciler is not None
+        try:
+            request = decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if not isinstance(request, GetSet) or not msg.reply:
+            return
+        self.sets_requested += 1
+        whole = self.reconciler.whole_set(request)
+        with contextlib.suppress(Exception):
+            await msg.respond(encode(whole) if whole is not None else b"")
+
     async def _on_stats(self, msg: Msg) -> None:
         if b"reset" in msg.data:
             self.stats.reset()
@@ -354,7 +371,7 @@ class ControllerService:
         extra = {"hosts": len(self.hosts.hosts), "hosts_up": up,
                  "synced": len(self.reconciler.synced) if self.reconciler else 0,
                  "heartbeat_batches": self.heartbeat_batches, "bad_heartbeats": self.bad_heartbeats,
-                 "stale_heartbeats": self.stale_heartbeats,
+                 "stale_heartbeats": self.stale_heartbeats, "sets_requested": self.sets_requested,
                  "relayed_in_process": self.relay.relayed if self.relay else 0,
                  "pass_phase_seconds": dict(self.reconciler.phase_seconds) if self.reconciler else {}}
         with contextlib.suppress(Exception):

@@ -20,7 +20,7 @@ from cloudland.agent.drivers.network.simulated import SimulatedNetworkDriver
 from cloudland.agent.factory import build_drivers, host_tag, underlay_address
 from cloudland.agent.instance_state import InstanceStateStore
 from cloudland.agent.member_sets import MemberSets
-from cloudland.agent.service import AgentService, _changed_list
+from cloudland.agent.service import AgentService, _changed_list, _follows
 from cloudland.allinone.nats import NatsServer
 from cloudland.bus import subjects
 from cloudland.bus.connection import subscriptions_ready
@@ -32,6 +32,7 @@ from cloudland.bus.messages import (
     EnsureNetworkAbsent,
     GetConsoleOutput,
     GetHostState,
+    GetSet,
     GroupMembers,
     Heartbeat,
     HostState,
@@ -42,6 +43,7 @@ from cloudland.bus.messages import (
     NetworkPeers,
     NetworkSpec,
     PortSpec,
+    SetVersion,
     decode,
     encode,
 )
@@ -473,6 +475,90 @@ async def test_group_members_whole_and_changes(harness: Harness) -> None:
     await become("net-1", {"g1": ["10.0.0.8"], "g2": ["10.0.9.9"]})
     await become("net-2", {"g1": ["10.0.0.8"]})
     assert members("net-3") == {}
+
+
+async def test_versioned_sets_ask_for_the_whole_set_when_a_message_is_missing(harness: Harness) -> None:
+    """A spec carries its sets' versions; the next message of a set follows on (taken), an older
+    one is ignored, and one after a gap (or a mark of a newer version) is taken and the whole set
+    asked of a controller (``GetSet``), whose answer replaces the set."""
+    network = harness.network
+    asked: list[GetSet] = []
+    answers: dict[tuple[str, str], Message | None] = {}
+
+    async def controller(msg: object) -> None:
+        request = decode(msg.data)  # type: ignore[attr-defined]
+        assert isinstance(request, GetSet)
+        asked.append(request)
+        answer = answers.get((request.set_kind, request.key))
+        await msg.respond(encode(answer) if answer else b"")  # type: ignore[attr-defined]
+
+    await harness.nc.subscribe(subjects.CONTROLLER_SETS, cb=controller)
+    v = "e1"
+    spec = NetworkSpec(id="net-1", segmentation_id=100, peers=["192.0.2.1"], peers_version=SetVersion(v, 3),
+                       remote_groups={"g1": ["10.0.0.1"]}, remote_group_versions={"g1": SetVersion(v, 7)})
+    await harness.send(EnsureNetwork(spec=spec))
+    await network_spec_shows(network, "net-1", lambda s: s.peers, ["192.0.2.1"])
+    assert harness.agent is not None and harness.agent.nc is not None
+    await subscriptions_ready(harness.agent.nc)
+
+    async def peers(**fields: object) -> None:
+        await harness.nc.publish(subjects.network_peers("net-1"),
+                                 encode(NetworkPeers(network_id="net-1", epoch=v, **fields)))  # type: ignore[arg-type]
+
+    async def members(**fields: object) -> None:
+        await harness.nc.publish(subjects.group_members("g1"),
+                                 encode(GroupMembers(group_id="g1", epoch=v, **fields)))  # type: ignore[arg-type]
+
+    await peers(full=False, added=["192.0.2.2"], seq=4)
+    await network_spec_shows(network, "net-1", lambda s: (s.peers, s.peers_version),
+                             (["192.0.2.1", "192.0.2.2"], SetVersion(v, 4)))
+    await peers(full=False, removed=["192.0.2.2"], seq=4)  # a repeat: had it
+    await members(full=False, removed=["10.0.0.1"], seq=6)  # older than the spec's set
+    await members(full=False, added=["10.0.0.2"], seq=8)
+    await network_spec_shows(network, "net-1", lambda s: (s.remote_groups, s.remote_group_versions),
+                             ({"g1": ["10.0.0.1", "10.0.0.2"]}, {"g1": SetVersion(v, 8)}))
+    assert network.networks["net-1"].peers == ["192.0.2.1", "192.0.2.2"]
+    assert asked == []
+    # Message 5 of the peers never came: 6 is taken, and the whole list asked for.
+    answers[("peers", "net-1")] = NetworkPeers(network_id="net-1", addresses=["192.0.2.10", "192.0.2.7"],
+                                               epoch=v, seq=6)
+    await peers(full=False, added=["192.0.2.3"], seq=6)
+    await network_spec_shows(network, "net-1", lambda s: (s.peers, s.peers_version),
+                             (["192.0.2.7"], SetVersion(v, 6)))  # the whole list (without this host)
+    assert asked == [GetSet(set_kind="peers", key="net-1")]
+    # A mark of a version this host does not have: the whole set; unknown to the controller:
+    # nothing changes (and the next message asks again).
+    await members(full=False, seq=10)
+    await harness.wait_for(lambda: len(asked) == 2)
+    assert asked[1] == GetSet(set_kind="members", key="g1")
+    answers[("members", "g1")] = GroupMembers(group_id="g1", addresses=["10.0.0.5"], epoch=v, seq=11)
+    await members(full=False, added=["10.0.0.3"], seq=11)
+    await network_spec_shows(network, "net-1", lambda s: (s.remote_groups, s.remote_group_versions),
+                             ({"g1": ["10.0.0.5"]}, {"g1": SetVersion(v, 11)}))
+    # Another publisher (a controller started since): its first message is whole.
+    await harness.nc.publish(subjects.group_members("g1"),
+                             encode(GroupMembers(group_id="g1", addresses=["10.0.0.9"], epoch="e2", seq=1)))
+    await network_spec_shows(network, "net-1", lambda s: (s.remote_groups, s.remote_group_versions),
+                             ({"g1": ["10.0.0.9"]}, {"g1": SetVersion("e2", 1)}))
+    assert len(asked) == 3
+
+
+def test_a_set_follows_its_versions() -> None:
+    """``_follows``: (take the message, a message before it is missing)."""
+    at = SetVersion("e", 5)
+
+    def msg(seq: int, full: bool = False, epoch: str = "e") -> GroupMembers:
+        return GroupMembers(group_id="g", full=full, epoch=epoch, seq=seq)
+
+    assert _follows(at, msg(6)) == (True, False)
+    assert _follows(at, msg(5)) == (False, False) and _follows(at, msg(2)) == (False, False)
+    assert _follows(at, msg(8)) == (True, True)
+    assert _follows(at, msg(4, full=True)) == (False, False)
+    assert _follows(at, msg(9, full=True)) == (True, False)
+    assert _follows(at, msg(1, epoch="f")) == (True, True)
+    assert _follows(at, msg(1, full=True, epoch="f")) == (True, False)
+    assert _follows(None, msg(3)) == (True, True)
+    assert _follows(at, GroupMembers(group_id="g", full=False)) == (True, False)  # unversioned
 
 
 async def test_agents_of_one_process_share_their_member_sets(config: Config, nats_url: str) -> None:

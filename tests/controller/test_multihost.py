@@ -6,6 +6,8 @@ import httpx
 from controller_helpers import V21, Cloud, wait_for  # type: ignore[import-not-found]
 from sqlalchemy import select
 
+from cloudland.bus import subjects
+from cloudland.bus.messages import GetSet, NetworkPeers, SetVersion, decode, encode
 from cloudland.db.models import Host
 
 
@@ -47,6 +49,29 @@ async def test_forced_hosts_peers_and_port_status(cloud: Cloud, client: httpx.As
         return peers("hv2") == ["192.0.2.30"] and peers("hv3") == ["192.0.2.20"] and peers("hv1") is None
 
     await wait_for(meshed, describe=lambda: f"{peers('hv1')} {peers('hv2')} {peers('hv3')}")
+    # The hosts come to hold the list at its published version: from the message after their
+    # spec or, when they subscribed after it went out, from the next mark of the set (made
+    # frequent here), on which they ask a controller for the set whole.
+    assert cloud.controller.reconciler is not None
+    cloud.controller.reconciler.peer_sets.refresh_seconds = 0.5
+    published = cloud.controller.reconciler.peer_sets.version(cloud.network_id)
+    assert published is not None and published[0] == ["192.0.2.20", "192.0.2.30"]
+
+    def versions() -> list[SetVersion | None]:
+        return [agents[h].network.networks[cloud.network_id].peers_version for h in ("hv2", "hv3")]  # type: ignore[union-attr]
+
+    async def at_published() -> bool:
+        return versions() == [published[1], published[1]]
+
+    await wait_for(at_published, describe=lambda: f"{versions()} {published}")
+    nc = cloud.agent.nc
+    assert nc is not None
+    reply = await nc.request(subjects.CONTROLLER_SETS, encode(GetSet(set_kind="peers", key=cloud.network_id)))
+    assert decode(reply.data) == NetworkPeers(network_id=cloud.network_id, addresses=published[0],
+                                              epoch=published[1].epoch, seq=published[1].seq)
+    unknown = GetSet(set_kind="members", key="no-such-group")
+    reply = await nc.request(subjects.CONTROLLER_SETS, encode(unknown))
+    assert reply.data == b""
     # Neutron: the port of a running guest is ACTIVE.
     r = await client.get(f"/network/v2.0/ports?device_id={ids['hv2']}", headers=admin)
     assert [p["status"] for p in r.json()["ports"]] == ["ACTIVE"]
