@@ -675,6 +675,8 @@ class ScaleBench:
             # Heartbeats the controller's own relay forwarded (all of them without leaf relays).
             "heartbeats_relayed_by_controller": stats.get("relayed_in_process", 0),
             "heartbeat_batches": stats.get("heartbeat_batches", 0),
+            # Peer lists and member sets asked for whole by agents that found a message missing.
+            "sets_requested": stats.get("sets_requested", 0),
         }
         o.log(f"launched: {succeeded}/{o.vms} ACTIVE, {f['vms_per_second']:.0f} VMs/s; listing...")
         f.update(await self.list_latency(admin_token))

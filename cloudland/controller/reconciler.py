@@ -706,7 +706,8 @@ class Reconciler:
         force = {(h, p.network_id) for h, items in ensure.items() for i in items for p in ports[i.id]}
         bindings = specs.router_specs.GatewayBindings()
         net_specs = await specs.network_specs(session, pairs, self._peer_address, bindings, self.members,
-                                              members_memo, self.network_hosts)
+                                              members_memo, self.network_hosts,
+                                              self.group_sets if self.broadcast is not None else None)
         if self.broadcast is not None:
             self._as_published(net_specs)
         if bindings.new:  # a host got its gateway port on an external network: it needs that network
@@ -740,9 +741,9 @@ class Reconciler:
         return commands
 
     def _as_published(self, net_specs: dict[tuple[str, str], NetworkSpec | None]) -> None:
-        """Give each spec the peer list and member sets as published, with their versions: the
-        agent then takes the sets' next messages as changes of exactly what it has. (A set not
-        published yet stays as built; its first message is whole.)"""
+        """Give each spec the peer list as published, with its version (``network_specs`` does
+        the member sets): the agent then takes the set's next messages as changes of exactly what
+        it has. (A set not published yet stays as built; its first message is whole.)"""
         for (host, net), spec in net_specs.items():
             if spec is None:
                 continue
@@ -750,10 +751,6 @@ class Reconciler:
                 own = self._peer_address(host)
                 spec.peers = [a for a in peers[0] if a != own]
                 spec.peers_version = peers[1]
-            for group in spec.remote_groups:
-                if (members := self.group_sets.version(group)) is not None:
-                    spec.remote_groups[group] = members[0]
-                    spec.remote_group_versions[group] = members[1]
 
     def whole_set(self, request: GetSet) -> SetChangeMessage | None:
         """A published set, whole, with its version (``GetSet``); None if it never was."""

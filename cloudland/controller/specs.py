@@ -30,6 +30,7 @@ from cloudland.controller.columns import OneOf, array_rows, json_text, json_valu
 from cloudland.db.models import Image, Instance, IpAllocation, Network, Port, Subnet
 
 if TYPE_CHECKING:
+    from cloudland.controller.broadcast_sets import BroadcastSets
     from cloudland.controller.group_members import GroupMemberIndex
     from cloudland.controller.network_hosts import NetworkHostCache
 
@@ -306,6 +307,7 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
                         member_index: GroupMemberIndex | None = None,
                         members_memo: dict[str, set[str]] | None = None,
                         host_cache: NetworkHostCache | None = None,
+                        published_groups: BroadcastSets | None = None,
                         ) -> dict[HostNetwork, NetworkSpec | None]:
     """NetworkSpec per (host, network); None where the host has no port on it any more.
 
@@ -313,7 +315,9 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
     Gateway ports bound to a host while building routers are added to ``bindings``: those
     hosts need the external network's spec too. Remote groups' members come from
     ``member_index`` when given, else from the database. ``members_memo``: as
-    ``hosts_of_networks``' memo, ``host_cache`` its cache.
+    ``hosts_of_networks``' memo, ``host_cache`` its cache. ``published_groups``: member sets as
+    the agents were told them; a spec carries those (encoded once per version) with their
+    versions, and only the groups never published are read.
     """
     wanted = set(pairs)
     if not wanted:
@@ -342,8 +346,13 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
     addresses = {net: sorted({a for h in hosts for a in [peer_address(h)] if a})
                  for net, hosts in members.items()}
     local_ports = [p for ports in local.values() for p in ports]
-    remote = (await member_index.remote_groups(session, secgroups.named_groups(local_ports))
-              if member_index is not None else await secgroups.remote_groups(session, local_ports))
+    if member_index is not None:
+        named = secgroups.named_groups(local_ports)
+        if published_groups is not None:
+            named = {g for g in named if published_groups.version(g) is None}
+        remote = await member_index.remote_groups(session, named)
+    else:
+        remote = await secgroups.remote_groups(session, local_ports)
     carried = [(h, n) for h, n in wanted if h in members.get(n, ())]
     routers = await router_specs.router_specs(session, carried, bindings or router_specs.GatewayBindings())
     result: dict[HostNetwork, NetworkSpec | None] = {}
@@ -355,11 +364,16 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
         own = peer_address(host) if host in members.get(net_id, ()) else None
         peers = [a for a in addresses.get(net_id, []) if a != own]
         _, network_type, segmentation_id, physical_network, mtu = network
-        result[(host, net_id)] = NetworkSpec(
+        spec = result[(host, net_id)] = NetworkSpec(
             id=net_id, network_type=network_type, segmentation_id=segmentation_id,
             physical_network=physical_network, routers=routers.get((host, net_id), []),
             mtu=mtu, subnets=subnets.get(net_id, []), ports=local.get((host, net_id), []),
-            dhcp_port=dhcp.get(net_id), peers=peers,
-            remote_groups={g: remote[g] for p in local[(host, net_id)] for r in p.security_rules
-                           if (g := r.remote_group_id)})
+            dhcp_port=dhcp.get(net_id), peers=peers)
+        for group in {g for p in local[(host, net_id)] for r in p.security_rules if (g := r.remote_group_id)}:
+            if group in remote:
+                spec.remote_groups[group] = remote[group]
+            elif published_groups is not None and (told := published_groups.version(group)) is not None:
+                # As JSON, encoded once per version (msgspec writes a Raw as it is).
+                spec.remote_groups[group] = published_groups.encoded(group)  # type: ignore[assignment]
+                spec.remote_group_versions[group] = told[1]
     return result

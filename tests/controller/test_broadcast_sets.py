@@ -68,9 +68,12 @@ def test_every_message_carries_the_version_it_makes() -> None:
                                 "epoch": sets.epoch, "seq": 2}
     sets.update("n", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])  # not published yet
     assert sets.version("n") == (["10.0.0.1", "10.0.0.2"], SetVersion(sets.epoch, 2))
+    encoded = sets.encoded("n")
+    assert bytes(encoded) == b'["10.0.0.1","10.0.0.2"]' and sets.encoded("n") is encoded
     sets.update("n", [])
     assert [(c.full, c.version.seq) for c in sets.changes(2)] == [(True, 3)]
     assert sets.version("n") == ([], SetVersion(sets.epoch, 3))
+    assert bytes(sets.encoded("n")) == b"[]"
     sets.update("n", ["10.0.0.7"])
     assert [(c.full, c.version.seq) for c in sets.changes(3)] == [(True, 4)]
 
