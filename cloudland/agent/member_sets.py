@@ -7,12 +7,20 @@ mostly hold the same sets: decoded per agent, each would be a thousand private c
 address (at 100,000 servers the simulation's processes ran out of memory that way). Agents of
 one process share one ``MemberSets``: a set equal to one seen lately is that list, and a change
 one agent computed from a shared list is the answer for every agent holding that list.
+
+A network spec names a published set by its version only; the agent fills it from a spec it
+holds, else from the newest set here (``held``), else by asking a controller, once per process
+at a time (``fetch``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from cloudland.bus.messages import SetVersion
 
 
 class MemberSets:
@@ -25,6 +33,32 @@ class MemberSets:
         self._versions: OrderedDict[str, list[list[str]]] = OrderedDict()
         # (id of the list changed, the message) -> (that list, the result or None: no change)
         self._changes: OrderedDict[tuple[int, bytes], tuple[list[str], list[str] | None]] = OrderedDict()
+        self._newest: OrderedDict[str, tuple[SetVersion, list[str]]] = OrderedDict()
+        self._fetching: dict[str, asyncio.Future[Any]] = {}
+
+    def hold(self, group: str, version: SetVersion, members: list[str]) -> None:
+        """An agent applied ``members`` as the group's set at ``version``."""
+        newest = self._newest.get(group)
+        if newest is None or newest[0].epoch != version.epoch or newest[0].seq < version.seq:
+            self._newest[group] = (version, members)
+            self._newest.move_to_end(group)
+            if len(self._newest) > self._groups_kept:
+                self._newest.popitem(last=False)
+
+    def held(self, group: str, version: SetVersion) -> tuple[SetVersion, list[str]] | None:
+        """The newest set held of the group if it is at ``version`` or later."""
+        newest = self._newest.get(group)
+        if newest is not None and newest[0].epoch == version.epoch and newest[0].seq >= version.seq:
+            return newest
+        return None
+
+    async def fetch(self, group: str, request: Callable[[], Awaitable[Any]]) -> Any:
+        """``request()``'s answer, shared by the agents that want the group meanwhile."""
+        future = self._fetching.get(group)
+        if future is None:
+            future = self._fetching[group] = asyncio.ensure_future(request())
+            future.add_done_callback(lambda _: self._fetching.pop(group, None))
+        return await asyncio.shield(future)
 
     def adopt(self, group: str, members: list[str]) -> list[str]:
         """The list to keep for ``members`` (a sorted set): an equal one seen lately, else

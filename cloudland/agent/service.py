@@ -107,6 +107,7 @@ class AgentService:
         self._group_subs: dict[str, Subscription] = {}  # remote groups the network specs name
         self.member_sets = member_sets or MemberSets()
         self._asking: set[tuple[str, str]] = set()  # sets asked for whole (GetSet), not answered yet
+        self._members_seen: dict[str, SetVersion] = {}  # the newest message of each member set
         self._following_groups = asyncio.Lock()  # networks' workers run side by side
         # Last reported status of every instance this host has (never "absent").
         self._status: dict[str, InstanceStatus] = {}
@@ -266,9 +267,11 @@ class AgentService:
             return
         try:
             if isinstance(cmd, EnsureNetwork):
-                # Recorded first: a peer list arriving meanwhile applies to this spec, not an older one.
-                spec = self._shared_members(cmd.spec)
-                before = self._net_specs.get(spec.id)
+                # Recorded first: a peer list arriving meanwhile applies to this spec, not an older
+                # one (then queued, it runs next); so again once its member sets are filled in.
+                before = self._net_specs.get(cmd.spec.id)
+                self._net_specs[cmd.spec.id] = cmd.spec
+                spec = self._shared_members(await self._with_members(cmd.spec))
                 self._net_specs[spec.id] = spec
                 await self._follow_peers(spec.id, True)
                 groups = spec.remote_groups.keys()
@@ -291,9 +294,51 @@ class AgentService:
         if not spec.remote_groups:
             return spec
         shared = {g: self.member_sets.adopt(g, m) for g, m in spec.remote_groups.items()}
+        for group, version in spec.remote_group_versions.items():
+            if group in shared:
+                self.member_sets.hold(group, version, shared[group])
         if all(shared[g] is m for g, m in spec.remote_groups.items()):
             return spec
         return msgspec.structs.replace(spec, remote_groups=shared)
+
+    async def _with_members(self, spec: NetworkSpec) -> NetworkSpec:
+        """``spec`` with the member sets it names by version only: from a spec this host holds at
+        that version or later, else from ``member_sets``, else asked of a controller."""
+        named = [g for g in spec.remote_group_versions if g not in spec.remote_groups]
+        if not named:
+            return spec
+        groups, versions = dict(spec.remote_groups), dict(spec.remote_group_versions)
+        for group in named:
+            found = self._member_set_at(group, versions[group])
+            if found is not None and self._newer_seen(group, found[0]):
+                found = None  # a newer message came meanwhile (to a spec that could not take it)
+            if found is None:
+                whole, _ = await self.member_sets.fetch(group, lambda g=group: self._request_set(
+                    "members", g))
+                if isinstance(whole, GroupMembers) and whole.full and whole.epoch:
+                    found = (SetVersion(whole.epoch, whole.seq), whole.addresses)  # sorted by the controller
+            if found is None:  # not to be had now: an empty set, and the set's next message asks again
+                groups[group] = []
+                del versions[group]
+            else:
+                versions[group], groups[group] = found
+                if self._newer_seen(group, found[0]):  # came while we asked: ask again, once applied
+                    self._ask_for_set("members", group)
+        return msgspec.structs.replace(spec, remote_groups=groups, remote_group_versions=versions)
+
+    def _newer_seen(self, group: str, version: SetVersion) -> bool:
+        seen = self._members_seen.get(group)
+        return seen is not None and seen.epoch == version.epoch and seen.seq > version.seq
+
+    def _member_set_at(self, group: str, version: SetVersion) -> tuple[SetVersion, list[str]] | None:
+        """The newest set of the group held here at ``version`` or later."""
+        best = self.member_sets.held(group, version)
+        for held in self._net_specs.values():
+            at = held.remote_group_versions.get(group)
+            if at is not None and at.epoch == version.epoch and at.seq >= version.seq \
+                    and group in held.remote_groups and (best is None or at.seq > best[0].seq):
+                best = at, held.remote_groups[group]
+        return best
 
     async def _follow_peers(self, network_id: str, follow: bool) -> None:
         """Subscribe to the network's peer lists while this host carries it."""
@@ -370,6 +415,10 @@ class AgentService:
     def _take_members(self, update: GroupMembers, data: bytes) -> None:
         """``data``: the message as it came (``member_sets`` computes a change once per message)."""
         group = update.group_id
+        if (version := _version(update)) is not None:
+            seen = self._members_seen.get(group)
+            if seen is None or seen.epoch != version.epoch or seen.seq < version.seq:
+                self._members_seen[group] = version
         done: tuple[list[str], list[str] | None] | None = None  # (old, new): specs mostly share the old
         ask = False
 
@@ -411,20 +460,27 @@ class AgentService:
         try:
             # Many followers find the same message missing at once (a reconnect): spread them.
             await asyncio.sleep(random.uniform(0, SET_REQUEST_SPREAD))
-            assert self.nc is not None
-            reply = await self.nc.request(subjects.CONTROLLER_SETS, encode(GetSet(set_kind=kind, key=key)),
-                                          timeout=SET_REQUEST_TIMEOUT)
-            whole = decode(reply.data) if reply.data else None
-        except Exception as e:
-            # The set's next message finds it missing again, and asks again.
-            log.warning("cannot get the whole %s set of %s: %s", kind, key, _describe(e))
-            return
+            whole, data = await self._request_set(kind, key)
         finally:
             self._asking.discard((kind, key))
         if isinstance(whole, NetworkPeers) and whole.full:
             self._take_peers(whole)
         elif isinstance(whole, GroupMembers) and whole.full:
-            self._take_members(whole, reply.data)
+            self._take_members(whole, data)
+
+    async def _request_set(self, kind: Literal["peers", "members"], key: str) -> tuple[Message | None, bytes]:
+        """A set as a controller has published it, whole (``GetSet``), and the reply as it came;
+        None if it has not or does not answer (the set's next message finds it missing, and asks
+        again)."""
+        if self.nc is None:
+            return None, b""
+        try:
+            reply = await self.nc.request(subjects.CONTROLLER_SETS, encode(GetSet(set_kind=kind, key=key)),
+                                          timeout=SET_REQUEST_TIMEOUT)
+            return (decode(reply.data) if reply.data else None), reply.data
+        except Exception as e:
+            log.warning("cannot get the whole %s set of %s: %s", kind, key, _describe(e))
+            return None, b""
 
     @staticmethod
     def _decode_update(msg: Msg, kind: type[_Update]) -> _Update | None:

@@ -177,7 +177,8 @@ class NetworkSpec(msgspec.Struct, kw_only=True):
     # Security group id → member addresses, for the ports' rules with a remote_group_id.
     remote_groups: dict[str, list[str]] = {}
     # The published sets these are (NetworkPeers, GroupMembers), when they are: the next
-    # message of a set follows on from its version here.
+    # message of a set follows on from its version here. A group with a version and no entry in
+    # remote_groups is that published set: the agent has it or asks for it (GetSet).
     peers_version: SetVersion | None = None
     remote_group_versions: dict[str, SetVersion] = {}
     # Routers with an interface on this network that this host realises (it has ports here).

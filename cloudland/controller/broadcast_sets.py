@@ -87,9 +87,8 @@ class BroadcastSets:
         return None if seq is None else (self._published.get(key, []), SetVersion(self.epoch, seq))
 
     def encoded(self, key: str) -> msgspec.Raw:
-        """The published set as a JSON array, encoded once per version: every network spec naming a
-        group carries it (10,000 addresses in a big project), and encoding it per spec was a
-        sixth of the controller's time in a launch."""
+        """The published set as a JSON array, encoded once per version: every host that gets a
+        spec naming the group asks for it (10,000 addresses in a big project)."""
         raw = self._encoded.get(key)
         if raw is None:
             raw = self._encoded[key] = msgspec.Raw(msgspec.json.encode(self._published.get(key, [])))
@@ -103,6 +102,14 @@ class BroadcastSets:
     @property
     def pending(self) -> bool:
         return bool(self._outbox)
+
+    def changes_of(self, keys: set[str], now: float) -> list[SetChange]:
+        """The waiting changes of these sets, now (not paced, nor counted in the budget)."""
+        out = []
+        for key in keys & self._outbox.keys():
+            if change := self._change(key, self._outbox.pop(key), now):
+                out.append(change)
+        return out
 
     def changes(self, now: float) -> list[SetChange]:
         """What to publish now: the changes since the last call, then whole sets due again."""

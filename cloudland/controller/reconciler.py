@@ -436,6 +436,13 @@ class Reconciler:
         """Peer lists or member sets changed and not published yet (some wait for their interval)."""
         return self.peer_sets.pending or self.group_sets.pending
 
+    async def _publish_peers_now(self, networks: set[str]) -> None:
+        assert self.broadcast is not None
+        async with self._publishing:
+            for c in self.peer_sets.changes_of(networks, self.clock()):
+                message = NetworkPeers(network_id=c.key, **c.fields())
+                await self.broadcast(subjects.network_peers(c.key), message)
+
     async def publish_sets(self) -> None:
         """Publish the changes of peer lists and remote groups' member sets that are due. After
         every pass, and by the service while some wait for their interval."""
@@ -709,6 +716,9 @@ class Reconciler:
                                               members_memo, self.network_hosts,
                                               self.group_sets if self.broadcast is not None else None)
         if self.broadcast is not None:
+            # A host that joins a network gets its spec after the peer-list change that adds it
+            # went out: it subscribes after that message, and would find it missing.
+            await self._publish_peers_now({net for (_, net), spec in net_specs.items() if spec is not None})
             self._as_published(net_specs)
         if bindings.new:  # a host got its gateway port on an external network: it needs that network
             self.network_hosts.drop(net for _, net in bindings.new)
@@ -761,7 +771,8 @@ class Reconciler:
                                 epoch=peers[1].epoch, seq=peers[1].seq)
         if (members := self.group_sets.version(request.key)) is None:
             return None
-        return GroupMembers(group_id=request.key, addresses=members[0],
+        # Encoded once per version (msgspec writes a Raw as it is): many hosts ask for a big set.
+        return GroupMembers(group_id=request.key, addresses=self.group_sets.encoded(request.key),  # type: ignore[arg-type]
                             epoch=members[1].epoch, seq=members[1].seq)
 
     def _peer_address(self, host: str) -> str | None:

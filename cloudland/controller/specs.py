@@ -316,8 +316,9 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
     hosts need the external network's spec too. Remote groups' members come from
     ``member_index`` when given, else from the database. ``members_memo``: as
     ``hosts_of_networks``' memo, ``host_cache`` its cache. ``published_groups``: member sets as
-    the agents were told them; a spec carries those (encoded once per version) with their
-    versions, and only the groups never published are read.
+    the agents were told them; a spec names those by their version only (the agent has them, or
+    asks for them once: a set of 10,000 addresses in every spec was 150 KB each), and only the
+    groups never published are read.
     """
     wanted = set(pairs)
     if not wanted:
@@ -373,7 +374,5 @@ async def network_specs(session: AsyncSession, pairs: Iterable[HostNetwork],
             if group in remote:
                 spec.remote_groups[group] = remote[group]
             elif published_groups is not None and (told := published_groups.version(group)) is not None:
-                # As JSON, encoded once per version (msgspec writes a Raw as it is).
-                spec.remote_groups[group] = published_groups.encoded(group)  # type: ignore[assignment]
                 spec.remote_group_versions[group] = told[1]
     return result

@@ -543,6 +543,66 @@ async def test_versioned_sets_ask_for_the_whole_set_when_a_message_is_missing(ha
     assert len(asked) == 3
 
 
+async def test_a_spec_names_a_published_member_set_by_its_version(config: Config, nats_url: str) -> None:
+    """A spec may name a published member set by its version alone: the agent fills it from a
+    spec it holds at that version or later, else from its process's ``MemberSets``, else asks a
+    controller once (agents of one process share the answer); a set not to be had is empty."""
+    config.nats.url = nats_url
+    config.agent.heartbeat_seconds = 5
+    nc = await nats.connect(nats_url)
+    asked: list[GetSet] = []
+    g1 = ["10.0.0.1", "10.0.0.2"]
+
+    async def controller(msg: object) -> None:
+        request = decode(msg.data)  # type: ignore[attr-defined]
+        assert isinstance(request, GetSet)
+        asked.append(request)
+        answer = GroupMembers(group_id="g1", addresses=g1, epoch="e", seq=4) if request.key == "g1" else None
+        await msg.respond(encode(answer) if answer else b"")  # type: ignore[attr-defined]
+
+    await nc.subscribe(subjects.CONTROLLER_SETS, cb=controller)
+    shared = MemberSets()
+    agents = [AgentService(config, SimulatedComputeDriver(), SimulatedNetworkDriver(), host_id=f"sim-{i}",
+                           records=InstanceStateStore(None), nc=nc, member_sets=shared) for i in range(2)]
+    networks = [a.network for a in agents]
+    assert all(isinstance(n, SimulatedNetworkDriver) for n in networks)
+
+    async def ensure(agent: AgentService, net: str, versions: dict[str, SetVersion]) -> None:
+        spec = NetworkSpec(id=net, segmentation_id=100, remote_group_versions=versions)
+        await nc.publish(subjects.host_cmd(agent.host_id), encode(EnsureNetwork(spec=spec)))
+
+    def groups(i: int, net: str) -> object:
+        spec = networks[i].networks.get(net)  # type: ignore[attr-defined]
+        return None if spec is None else (spec.remote_groups, spec.remote_group_versions)
+
+    try:
+        for agent in agents:
+            await agent.start()
+        await subscriptions_ready(nc)
+        await ensure(agents[0], "net-1", {"g1": SetVersion("e", 3)})
+        await network_spec_shows(networks[0], "net-1", lambda s: (s.remote_groups, s.remote_group_versions),  # type: ignore[arg-type]
+                                 ({"g1": g1}, {"g1": SetVersion("e", 4)}))
+        assert asked == [GetSet(set_kind="members", key="g1")]
+        await ensure(agents[0], "net-2", {"g1": SetVersion("e", 4)})  # held by net-1's spec
+        await ensure(agents[1], "net-3", {"g1": SetVersion("e", 2)})  # held in the process
+        await network_spec_shows(networks[0], "net-2", lambda s: s.remote_groups, {"g1": g1})  # type: ignore[arg-type]
+        await network_spec_shows(networks[1], "net-3", lambda s: s.remote_groups, {"g1": g1})  # type: ignore[arg-type]
+        assert len(asked) == 1
+        pairs = zip(networks, ("net-1", "net-3"), strict=True)
+        held = [n.networks[net].remote_groups["g1"] for n, net in pairs]  # type: ignore[attr-defined]
+        assert held[1] is held[0]
+        await ensure(agents[1], "net-4", {"g1": SetVersion("e", 5)})  # newer than any held: asked
+        await ensure(agents[1], "net-5", {"g9": SetVersion("e", 1)})  # the controller has none
+        await network_spec_shows(networks[1], "net-5", lambda s: (s.remote_groups, s.remote_group_versions),  # type: ignore[arg-type]
+                                 ({"g9": []}, {}))
+        assert groups(1, "net-4") == ({"g1": g1}, {"g1": SetVersion("e", 4)})
+        assert [a.key for a in asked] == ["g1", "g1", "g9"]
+    finally:
+        for agent in agents:
+            await agent.stop()
+        await nc.close()
+
+
 def test_a_set_follows_its_versions() -> None:
     """``_follows``: (take the message, a message before it is missing)."""
     at = SetVersion("e", 5)

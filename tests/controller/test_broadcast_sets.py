@@ -137,3 +137,17 @@ def test_all_sets_share_a_budget() -> None:
     assert [c.key for c in sets.changes(0.5)] == ["c"]  # +4: 3 tokens, c first (waiting longest)
     assert [c.key for c in sets.changes(1.0)] == ["d"]
     assert not sets.pending
+
+
+def test_the_waiting_changes_of_named_sets_go_at_once() -> None:
+    """``changes_of``: a set's waiting change now, whatever its interval (a host is about to get a
+    spec with the set as published: the change that adds it must go before)."""
+    sets = BroadcastSets(refresh_seconds=1000, pace=10.0)
+    sets.update("n", ["10.0.0.1", "10.0.0.2"])
+    sets.changes(0.0)
+    sets.update("n", ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    assert sets.changes(1.0) == [] and sets.pending
+    assert sets.changes_of({"m"}, 1.0) == []
+    (message,) = sets.changes_of({"n", "m"}, 1.0)
+    assert (message.added, message.version.seq) == (["10.0.0.3"], 2) and not sets.pending
+    assert sets.version("n") == (["10.0.0.1", "10.0.0.2", "10.0.0.3"], SetVersion(sets.epoch, 2))
