@@ -356,11 +356,14 @@ class AgentService:
         if self.nc is None:
             return
         async with self._following_groups:
-            named = {g for spec in self._net_specs.values() for g in spec.remote_groups}
+            # (A spec still waiting for a set it names by version only names it too.)
+            named = {g for spec in self._net_specs.values()
+                     for g in (*spec.remote_groups, *spec.remote_group_versions)}
             for group in named - self._group_subs.keys():
                 self._group_subs[group] = await self.nc.subscribe(subjects.group_members(group),
                                                                   cb=self._on_group_members)
             for group in self._group_subs.keys() - named:
+                self._members_seen.pop(group, None)
                 with contextlib.suppress(Exception):
                     await self._group_subs.pop(group).unsubscribe()
 
