@@ -112,7 +112,8 @@ class BroadcastSets:
         return out
 
     def changes(self, now: float) -> list[SetChange]:
-        """What to publish now: the changes since the last call, then whole sets due again."""
+        """What to publish now: the changes since the last call, then marks of the sets quiet for
+        ``refresh_seconds``."""
         outbox, self._outbox = self._outbox, {}
         if self.budget is not None:
             if self._tokens_at is not None:
