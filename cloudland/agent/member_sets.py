@@ -39,7 +39,7 @@ class MemberSets:
     def hold(self, group: str, version: SetVersion, members: list[str]) -> None:
         """An agent applied ``members`` as the group's set at ``version``."""
         newest = self._newest.get(group)
-        if newest is None or newest[0].epoch != version.epoch or newest[0].seq < version.seq:
+        if newest is None or not newest[0].at_least(version):
             self._newest[group] = (version, members)
             self._newest.move_to_end(group)
             if len(self._newest) > self._groups_kept:
@@ -48,7 +48,7 @@ class MemberSets:
     def held(self, group: str, version: SetVersion) -> tuple[SetVersion, list[str]] | None:
         """The newest set held of the group if it is at ``version`` or later."""
         newest = self._newest.get(group)
-        if newest is not None and newest[0].epoch == version.epoch and newest[0].seq >= version.seq:
+        if newest is not None and newest[0].at_least(version):
             return newest
         return None
 

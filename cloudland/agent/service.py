@@ -335,8 +335,8 @@ class AgentService:
         best = self.member_sets.held(group, version)
         for held in self._net_specs.values():
             at = held.remote_group_versions.get(group)
-            if at is not None and at.epoch == version.epoch and at.seq >= version.seq \
-                    and group in held.remote_groups and (best is None or at.seq > best[0].seq):
+            if at is not None and at.at_least(version) and group in held.remote_groups \
+                    and (best is None or not best[0].at_least(at)):
                 best = at, held.remote_groups[group]
         return best
 
@@ -420,7 +420,7 @@ class AgentService:
         group = update.group_id
         if (version := _version(update)) is not None:
             seen = self._members_seen.get(group)
-            if seen is None or seen.epoch != version.epoch or seen.seq < version.seq:
+            if seen is None or not seen.at_least(version):
                 self._members_seen[group] = version
         done: tuple[list[str], list[str] | None] | None = None  # (old, new): specs mostly share the old
         ask = False

@@ -158,6 +158,10 @@ class SetVersion(msgspec.Struct, frozen=True, array_like=True):
     epoch: str
     seq: int
 
+    def at_least(self, other: SetVersion) -> bool:
+        """The same publisher's set, as far as ``other`` or further."""
+        return self.epoch == other.epoch and self.seq >= other.seq
+
 
 class NetworkSpec(msgspec.Struct, kw_only=True):
     """A network as one hypervisor must carry it: its subnets and this host's ports."""
