@@ -59,6 +59,7 @@ from cloudland.bus.messages import (
     encode,
     state_digest,
 )
+from cloudland.bus.shared_subscriptions import Following, SharedSubscriptions
 from cloudland.config import Config
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,12 @@ class AgentService:
         records: InstanceStateStore | None = None,
         nc: Client | None = None,
         member_sets: MemberSets | None = None,
+        subscriptions: SharedSubscriptions | None = None,
     ) -> None:
         """``nc``: a NATS connection to share (many simulated agents in one process); the agent
         then neither connects nor closes it, and the owner calls ``on_reconnect()`` for it.
-        ``member_sets``: remote groups' member sets to share with the other agents of the process."""
+        ``member_sets``: remote groups' member sets to share with the other agents of the process;
+        ``subscriptions``: their subscriptions to sets on ``nc``, likewise."""
         self.config = config
         self.compute = compute
         self.network = network
@@ -101,10 +104,12 @@ class AgentService:
         self.nc: Client | None = None
         self._shared_nc = nc
         self._subs: list[Subscription] = []
+        self._shared_subscriptions = subscriptions
+        self.subscriptions: SharedSubscriptions | None = None  # set subjects (followed by many agents)
         # Networks this host carries: the last spec applied, and the peers subscription.
         self._net_specs: dict[str, NetworkSpec] = {}
-        self._net_subs: dict[str, Subscription] = {}
-        self._group_subs: dict[str, Subscription] = {}  # remote groups the network specs name
+        self._net_subs: dict[str, Following] = {}
+        self._group_subs: dict[str, Following] = {}  # remote groups the network specs name
         self.member_sets = member_sets or MemberSets()
         self._asking: set[tuple[str, str]] = set()  # sets asked for whole (GetSet), not answered yet
         self._members_seen: dict[str, SetVersion] = {}  # the newest message of each member set
@@ -137,6 +142,7 @@ class AgentService:
             if state != "absent":
                 self._status[iid] = self._make_status(iid, state)
         self.nc = self._shared_nc or await self._connect()
+        self.subscriptions = self._shared_subscriptions or SharedSubscriptions(self.nc)
         self._subs = [
             await self.nc.subscribe(subjects.host_cmd(self.host_id), cb=self._on_command),
             await self.nc.subscribe(subjects.host_rpc(self.host_id), cb=self._on_request),
@@ -165,6 +171,7 @@ class AgentService:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._heartbeat_task = None
         self._pending.clear()
+        self.subscriptions = None
         if self.nc is not None and self._shared_nc is not None:
             self.nc = None
         if self.nc is not None:
@@ -343,8 +350,8 @@ class AgentService:
     async def _follow_peers(self, network_id: str, follow: bool) -> None:
         """Subscribe to the network's peer lists while this host carries it."""
         sub = self._net_subs.get(network_id)
-        if follow and sub is None and self.nc is not None:
-            self._net_subs[network_id] = await self.nc.subscribe(
+        if follow and sub is None and self.subscriptions is not None:
+            self._net_subs[network_id] = await self.subscriptions.subscribe(
                 subjects.network_peers(network_id), cb=self._on_peers)
         elif not follow and sub is not None:
             del self._net_subs[network_id]
@@ -353,15 +360,15 @@ class AgentService:
 
     async def _follow_groups(self) -> None:
         """Subscribe to the member sets of the remote groups the network specs name."""
-        if self.nc is None:
+        if self.subscriptions is None:
             return
         async with self._following_groups:
             # (A spec still waiting for a set it names by version only names it too.)
             named = {g for spec in self._net_specs.values()
                      for g in (*spec.remote_groups, *spec.remote_group_versions)}
             for group in named - self._group_subs.keys():
-                self._group_subs[group] = await self.nc.subscribe(subjects.group_members(group),
-                                                                  cb=self._on_group_members)
+                self._group_subs[group] = await self.subscriptions.subscribe(
+                    subjects.group_members(group), cb=self._on_group_members)
             for group in self._group_subs.keys() - named:
                 self._members_seen.pop(group, None)
                 with contextlib.suppress(Exception):

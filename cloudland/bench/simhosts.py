@@ -27,6 +27,7 @@ from cloudland.agent.member_sets import MemberSets
 from cloudland.agent.service import AgentService
 from cloudland.bus.connection import connect
 from cloudland.bus.messages import ImageRef
+from cloudland.bus.shared_subscriptions import SharedSubscriptions
 from cloudland.config import Config
 from cloudland.service_gc import tune_for_service
 
@@ -73,11 +74,13 @@ async def run(args: argparse.Namespace) -> None:
                                          on_reconnect=reconnect_cb(k)) for k in range(args.connections)]
     agents: list[AgentService] = []
     member_sets = MemberSets()  # the agents of a process mostly hold the same sets
+    subscriptions = [SharedSubscriptions(nc) for nc in conns]  # and follow the same subjects
     for i in range(args.first, args.first + args.count):
         k = i % args.connections
         agent = AgentService(config, SimulatedComputeDriver(args.vcpus, args.memory_mb, args.disk_gb),
                              SimulatedNetworkDriver(), host_id=host_name(args.prefix, i), image_cache=images,
-                             records=InstanceStateStore(None), nc=conns[k], member_sets=member_sets)
+                             records=InstanceStateStore(None), nc=conns[k], member_sets=member_sets,
+                             subscriptions=subscriptions[k])
         agent.address = host_address(i)
         agents_of[k].append(agent)
         agents.append(agent)

@@ -47,6 +47,7 @@ from cloudland.bus.messages import (
     decode,
     encode,
 )
+from cloudland.bus.shared_subscriptions import SharedSubscriptions
 from cloudland.config import Config
 
 IMAGE = b"QFI\xfb" + b"cloudland test image" * 1000
@@ -654,6 +655,67 @@ async def test_agents_of_one_process_share_their_member_sets(config: Config, nat
     finally:
         for agent in agents:
             await agent.stop()
+        await nc.close()
+
+
+async def test_agents_of_one_connection_share_one_subscription_per_set(config: Config, nats_url: str) -> None:
+    """Agents given one ``SharedSubscriptions`` (a simulated-hypervisor process) follow a set's
+    subject with one subscription: a message crosses the connection once and reaches every
+    agent that carries the network; agents that stop leave the others following, and the last
+    one out unsubscribes."""
+    config.nats.url = nats_url
+    config.agent.heartbeat_seconds = 5
+    nc = await nats.connect(nats_url)
+    shared = SharedSubscriptions(nc)
+
+    def peers_change(added: str) -> bytes:
+        return encode(NetworkPeers(network_id="net-1", full=False, added=[added]))
+
+    agents = [AgentService(config, SimulatedComputeDriver(), SimulatedNetworkDriver(), host_id=f"sim-{i}",
+                           records=InstanceStateStore(None), nc=nc, subscriptions=shared) for i in range(3)]
+    for i, agent in enumerate(agents):
+        agent.address = f"192.0.2.{i + 1}"
+    networks = [a.network for a in agents]
+    assert all(isinstance(n, SimulatedNetworkDriver) for n in networks)
+    publisher = await nats.connect(nats_url)
+    try:
+        for agent in agents:
+            await agent.start()
+        for agent in agents:
+            spec = NetworkSpec(id="net-1", segmentation_id=100, peers=[])
+            await publisher.publish(subjects.host_cmd(agent.host_id), encode(EnsureNetwork(spec=spec)))
+        for network in networks:
+            await network_spec_shows(network, "net-1", lambda spec: spec.peers, [])  # type: ignore[arg-type]
+        subject = subjects.network_peers("net-1")
+        for _ in range(500):
+            if shared.followers(subject) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert shared.followers(subject) == 3
+        await subscriptions_ready(nc)
+        before = nc.stats["in_msgs"]
+        await publisher.publish(subject, peers_change("10.9.9.9"))
+        for network in networks:
+            await network_spec_shows(network, "net-1", lambda spec: spec.peers, ["10.9.9.9"])  # type: ignore[arg-type]
+        assert nc.stats["in_msgs"] - before == 1  # once over the wire, not once per agent
+        await agents[0].stop()
+        assert shared.followers(subject) == 2
+        await publisher.publish(subject, peers_change("10.9.9.8"))
+        for network in networks[1:]:
+            await network_spec_shows(network, "net-1", lambda spec: spec.peers, ["10.9.9.8", "10.9.9.9"])  # type: ignore[arg-type]
+        for agent in agents[1:]:
+            await agent.stop()
+        assert shared.followers(subject) == 0
+        await subscriptions_ready(nc)
+        before = nc.stats["in_msgs"]
+        await publisher.publish(subject, peers_change("10.9.9.7"))
+        await publisher.flush()
+        await subscriptions_ready(nc)
+        assert nc.stats["in_msgs"] == before  # nobody follows it: the subscription is gone
+    finally:
+        for agent in agents:
+            await agent.stop()
+        await publisher.close()
         await nc.close()
 
 
