@@ -5,6 +5,7 @@ frees and deletes as the reconciler makes them."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ from sqlalchemy import select
 
 from cloudland.bus.messages import Wake, decode
 from cloudland.controller import secgroups
-from cloudland.controller.group_members import GroupMemberIndex
+from cloudland.controller.group_members import MEND_AT_MOST, GroupMemberIndex, _Project
 from cloudland.controller.hosts import HostInfo
 from cloudland.controller.instance_status import finalize_delete
 from cloudland.controller.scheduler import claim_many
@@ -305,3 +306,31 @@ async def test_no_remote_rules_reads_no_project(app: Any, client: httpx.AsyncCli
     async with app.state.sessionmaker() as s:
         assert await w.index.networks_admitting_members_of(s, [private]) == {private}
     assert w.index.loads > 0
+
+
+def test_a_member_set_is_mended_as_ports_come_and_go() -> None:
+    """``_Project.members_of`` mends its last sorted answer with the addresses that came or went
+    (an address two ports share stays until both are gone); an answer given is never changed,
+    and past ``MEND_AT_MOST`` changes the set is sorted anew."""
+    rng = random.Random(5)
+    project = _Project(expires=0.0, changed=set())
+    ports: dict[str, tuple[str, ...]] = {}
+    answers: list[tuple[list[str], list[str]]] = []
+    for step in range(3000):
+        if ports and rng.random() < 0.4:
+            port_id = rng.choice(sorted(ports))
+            del ports[port_id]
+            project.remove(port_id)
+        else:
+            port_id = f"p{step}"
+            ports[port_id] = (f"10.0.{rng.randrange(4)}.{rng.randrange(40)}",)
+            project.add(port_id, ("net", True, ("g",), ports[port_id]))
+        if rng.random() < 0.2 or step == 2999:
+            answer = project.members_of("g")
+            assert answer == sorted({a for addresses in ports.values() for a in addresses})
+            answers.append((answer, list(answer)))
+    assert all(answer == copy for answer, copy in answers)  # none changed after it was given
+    for i in range(MEND_AT_MOST + 1):
+        project.add(f"q{i}", ("net", True, ("g",), (f"10.1.{i // 250}.{i % 250}",)))
+    assert "g" not in project.sorted and "g" not in project.touched
+    assert project.members_of("g") == sorted(project.members["g"])
