@@ -492,10 +492,9 @@ class AgentService:
             log.warning("cannot get the whole %s set of %s: %s", kind, key, _describe(e))
             return None, b""
 
-    @staticmethod
-    def _decode_update(msg: Msg, kind: type[_Update]) -> _Update | None:
+    def _decode_update(self, msg: Msg, kind: type[_Update]) -> _Update | None:
         try:
-            update = decode(msg.data)
+            update = self.subscriptions.decoded(msg) if self.subscriptions else decode(msg.data)
         except Exception as e:
             log.error("undecodable message on %s: %s", msg.subject, e)
             return None

@@ -6,7 +6,7 @@ process runs a thousand on a couple of connections, and many of them follow the 
 a project's member set was followed by some forty agents of each process, and NATS sent each
 message forty times down the same connection, where nats-py queued it forty times for forty
 tasks. ``SharedSubscriptions`` makes that one subscription whose messages are handed to every
-follower in turn, in the order they came.
+follower in turn, in the order they came, and decoded once for all of them (``decoded``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from cloudland.bus.messages import Message, decode
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,15 @@ class SharedSubscriptions:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self._subjects: dict[str, _Subject] = {}
+        self._last: tuple[Msg, Message] | None = None  # the message being handed round, decoded
+
+    def decoded(self, msg: Msg) -> Message:
+        """``msg`` decoded (``bus.messages.decode``): once for all its followers. (The decoded
+        message is theirs together: never change it.)"""
+        last = self._last
+        if last is None or last[0] is not msg:
+            last = self._last = (msg, decode(msg.data))
+        return last[1]
 
     def followers(self, subject: str) -> int:
         entry = self._subjects.get(subject)
