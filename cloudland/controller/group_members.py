@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 import sys
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -111,6 +112,7 @@ _group_lists: dict[str | None, tuple[str, ...]] = {}
 # Addresses come and gone that a member set's next answer mends its sorted list by; beyond
 # this many it is sorted anew.
 MEND_AT_MOST = 2048
+MEND_BY_BISECTION = 32
 
 
 def _groups_of(text: str | None) -> tuple[str, ...]:
@@ -208,13 +210,28 @@ class _Project:
         if found is None:
             found = self.sorted[group] = sorted(self.members.get(group, ()))
         elif touched:
-            members = self.members.get(group, {})
-            # Sorting a sorted run followed by a few more is linear (timsort merges runs).
-            found = [a for a in found if a not in touched]
-            found.extend(a for a in touched if a in members)
-            found.sort()
-            self.sorted[group] = found
+            found = self.sorted[group] = _mended(found, touched, self.members.get(group, {}))
         return found
+
+
+def _mended(found: list[str], touched: set[str], members: dict[str, int]) -> list[str]:
+    """A new sorted list: ``found`` with the ``touched`` addresses in or out as ``members`` says."""
+    if len(touched) <= MEND_BY_BISECTION:  # a few: found by bisection, moved in C
+        mended = found.copy()
+        for address in touched:
+            i = bisect_left(mended, address)
+            here = i < len(mended) and mended[i] == address
+            if address in members:
+                if not here:
+                    mended.insert(i, address)
+            elif here:
+                del mended[i]
+        return mended
+    # Many: sorting a sorted run followed by a few more is linear (timsort merges runs).
+    mended = [a for a in found if a not in touched]
+    mended.extend(a for a in touched if a in members)
+    mended.sort()
+    return mended
 
 
 class _Net:
