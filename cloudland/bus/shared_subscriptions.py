@@ -1,7 +1,7 @@
 """One NATS subscription per subject for the many followers of one connection.
 
 A host follows the sets of the networks it carries and of the remote groups their rules name
-(``net.<id>.peers``, ``group.<id>.members``). A real host runs one agent; a simulated-hypervisor
+(``net.<id>.peers``, ``sg.<id>.members``). A real host runs one agent; a simulated-hypervisor
 process runs a thousand on a couple of connections, and many of them follow the same subjects:
 a project's member set was followed by some forty agents of each process, and NATS sent each
 message forty times down the same connection, where nats-py queued it forty times for forty
