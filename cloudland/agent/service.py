@@ -335,7 +335,7 @@ class AgentService:
 
     def _newer_seen(self, group: str, version: SetVersion) -> bool:
         seen = self._members_seen.get(group)
-        return seen is not None and seen.epoch == version.epoch and seen.seq > version.seq
+        return seen is not None and seen != version and seen.at_least(version)
 
     def _member_set_at(self, group: str, version: SetVersion) -> tuple[SetVersion, list[str]] | None:
         """The newest set of the group held here at ``version`` or later."""
